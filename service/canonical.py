@@ -1,0 +1,121 @@
+"""The canonical touchpoint (`cx.timeline` value) and the internal envelope around it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+)
+
+Channel = Literal["web", "chat", "support", "store"]
+CHANNELS: tuple[Channel, ...] = ("web", "chat", "support", "store")
+
+Kind = Literal[
+    "page_view",
+    "sign_in",
+    "form_submit",
+    "survey_response",
+    "account_closed",
+    "conversation_started",
+    "message",
+    "handoff",
+    "conversation_closed",
+    "ticket_created",
+    "agent_reply",
+    "customer_reply",
+    "ticket_solved",
+    "ticket_reopened",
+    "purchase",
+    "return",
+]
+
+UTC_MILLIS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+
+
+def to_utc_millis(value: datetime) -> datetime:
+    """Aware datetime -> the same instant in UTC, truncated to whole milliseconds."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("naive datetimes are not allowed")
+    utc = value.astimezone(UTC)
+    return utc.replace(microsecond=utc.microsecond - utc.microsecond % 1000)
+
+
+def format_utc_millis(value: datetime) -> str:
+    """Aware datetime -> 'YYYY-MM-DDTHH:MM:SS.mmmZ'."""
+    utc = to_utc_millis(value)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _utc_millis_only(value: datetime) -> datetime:
+    if value.utcoffset() != timedelta(0) or value.microsecond % 1000:
+        raise ValueError("must be UTC with millisecond precision")
+    return value.astimezone(UTC)
+
+
+UtcMillis = Annotated[
+    datetime,
+    AfterValidator(_utc_millis_only),
+    PlainSerializer(format_utc_millis, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": UTC_MILLIS_PATTERN}),
+]
+DecimalString = Annotated[str, StringConstraints(pattern=r"^-?[0-9]{1,15}(\.[0-9]{1,6})?$")]
+
+
+class Canonical(BaseModel):
+    """Base of every model we emit: strict, frozen, no unknown fields."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+class Ratings(Canonical):
+    nps: int | None = Field(ge=0, le=10)
+    csat: int | None = Field(ge=1, le=5)
+    ces: int | None = Field(ge=1, le=7)
+
+
+class Source(Canonical):
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class Touchpoint(Canonical):
+    """One accepted event, normalized: the value of `cx.timeline`."""
+
+    event_id: str = Field(pattern=r"^(web|chat|support|store):.+$")
+    channel: Channel
+    kind: Kind
+    occurred_at: UtcMillis
+    customer_key: str = Field(min_length=1)
+    thread_id: str | None
+    ratings: Ratings
+    text: str | None
+    sentiment: float | None = Field(ge=-1.0, le=1.0)
+    amount: DecimalString | None
+    currency: str | None
+    source: Source
+
+
+IdKind = Literal["customer_id", "email", "anonymous_id", "visitor_id", "loyalty_card"]
+
+
+class Identifier(Canonical):
+    """One identifier an event shows; `value` is a keyed hash except for customer_id."""
+
+    kind: IdKind
+    value: str = Field(min_length=1)
+
+
+class Normalized(Canonical):
+    """Internal envelope: a touchpoint with the identifiers identity resolution links."""
+
+    touchpoint: Touchpoint
+    identifiers: tuple[Identifier, ...]

@@ -1,0 +1,208 @@
+"""`cxpulse` command line: worker, dev, simulate, schemas, dlq replay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from mode import ServiceT
+
+from service.settings import Settings, SettingsError, load_settings, parse_duration
+
+log = logging.getLogger("cxpulse")
+
+DEV_PII_KEY = "cxpulse-dev-only-key-not-secret"
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"cxpulse: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
+    """Run a worker (plus `extra_services`) until SIGTERM/SIGINT -> exit code."""
+    import faust
+
+    from service.http import ShutdownWatchdog
+    from service.kafka import ensure_topics
+    from service.worker import build_worker
+
+    try:
+        worker = build_worker(settings)
+    except SettingsError as exc:
+        print(f"cxpulse: {exc}", file=sys.stderr)
+        return 2
+    if settings.create_topics:
+        asyncio.run(ensure_topics(settings))
+    faust_worker = faust.Worker(
+        worker.app,
+        worker.http_service(),
+        *extra_services,
+        # Last, so that it is stopped first and times the whole shutdown.
+        ShutdownWatchdog(settings.shutdown_timeout.total_seconds()),
+        loglevel=settings.log_level.upper(),
+        quiet=True,
+    )
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def cmd_worker(_: argparse.Namespace) -> int:
+    """Join the configured cluster and process until SIGTERM/SIGINT."""
+    return run_worker(_settings())
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    """Write schemas/ from the models, or with --check fail when they drift."""
+    from service.schemas import drift, write
+
+    directory = Path(args.dir)
+    if args.check:
+        stale = drift(directory)
+        if stale:
+            print(f"schemas out of date: {', '.join(stale)} (run `cxpulse schemas`)")
+            return 1
+        print("schemas up to date")
+        return 0
+    changed = write(directory)
+    print(f"wrote {len(changed)} schema(s) to {directory}" if changed else "schemas up to date")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Publish synthetic journeys to the raw topics."""
+    from service.simulate import generate, publish
+
+    settings = _settings()
+    messages = generate(
+        args.count,
+        customers=args.customers,
+        seed=args.seed,
+        now=datetime.now(UTC),
+        span=parse_duration(args.span),
+        dup_share=args.dup_share,
+        bad_share=args.bad_share,
+    )
+    started = time.monotonic()
+    sent = asyncio.run(publish(settings, messages, rate=args.rate))
+    elapsed = time.monotonic() - started
+    print(f"published {sent} messages in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):.0f}/s)")
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    """Re-publish dead letters to their source topics."""
+    from service.dlq import replay
+
+    settings = _settings()
+    reasons = frozenset(args.reason) if args.reason else None
+    report = asyncio.run(
+        replay(settings, reasons=reasons, from_beginning=args.from_beginning, dry_run=args.dry_run)
+    )
+    verb = "would replay" if args.dry_run else "replayed"
+    print(f"{verb} {report.replayed} dead letter(s), skipped {report.skipped}: {report.by_topic}")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Embedded broker + worker + gentle simulated traffic, in one process, until Ctrl-C."""
+    from service.broker import BrokerError, start_broker
+    from service.traffic import TrafficService
+
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    user = _settings()
+    try:
+        broker = start_broker(args.port, log_file=data_dir / "broker.log")
+    except BrokerError as exc:
+        print(f"cxpulse dev: {exc}", file=sys.stderr)
+        return 1
+    try:
+        settings = load_settings(
+            kafka_bootstrap_servers=broker.bootstrap,
+            # The broker is memory-only, so local state from an earlier run would be stale.
+            data_dir=data_dir / f"state-{broker.port}",
+            pii_key=user.pii_key or DEV_PII_KEY,
+            kafka_session_timeout=timedelta(seconds=6),
+            kafka_rebalance_timeout=timedelta(seconds=5),
+            recovery_consistency_check=False,
+        )
+        traffic = TrafficService(
+            settings, rate=args.rate, count=args.count, customers=args.customers, seed=args.seed
+        )
+        port, prefix = settings.http_port, settings.topic_prefix
+        print(
+            "\ncxpulse dev is running (Ctrl-C stops everything)\n"
+            f"  broker   {broker.bootstrap}  (embedded Tansu, memory only)\n"
+            f"  health   http://127.0.0.1:{port}/healthz   http://127.0.0.1:{port}/readyz\n"
+            f"  metrics  http://127.0.0.1:{port}/metrics\n"
+            f"  traffic  {args.rate:g} simulated messages/s into {prefix}.raw.*\n"
+            f"  outputs  {prefix}.timeline and {prefix}.deadletter: read them with any Kafka "
+            f"client at {broker.bootstrap}\n",
+            flush=True,
+        )
+        return run_worker(settings, traffic)
+    finally:
+        broker.stop()
+        print("cxpulse dev stopped", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxpulse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("worker", help="join the configured Kafka cluster and process").set_defaults(
+        func=cmd_worker
+    )
+
+    dev = sub.add_parser("dev", help="embedded broker + worker + simulated traffic")
+    dev.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
+    dev.add_argument("--rate", type=float, default=20.0, help="simulated messages per second")
+    dev.add_argument("--count", type=int, default=1_000_000, help="messages to simulate")
+    dev.add_argument("--customers", type=int, default=200)
+    dev.add_argument("--seed", type=int, default=1)
+    dev.add_argument("--data-dir", default="./data/dev", help="worker state and broker log")
+    dev.set_defaults(func=cmd_dev)
+
+    simulate = sub.add_parser("simulate", help="publish realistic synthetic journeys")
+    simulate.add_argument("--count", type=int, default=10_000)
+    simulate.add_argument("--rate", type=float, default=None, help="messages/s (default: max)")
+    simulate.add_argument("--customers", type=int, default=1_000)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--span", default="3d", help="event times spread over this long")
+    simulate.add_argument("--dup-share", type=float, default=0.02)
+    simulate.add_argument("--bad-share", type=float, default=0.01)
+    simulate.set_defaults(func=cmd_simulate)
+
+    schemas = sub.add_parser("schemas", help="write (or --check) the JSON Schemas")
+    schemas.add_argument("--dir", default="schemas")
+    schemas.add_argument("--check", action="store_true", help="fail if schemas/ has drifted")
+    schemas.set_defaults(func=cmd_schemas)
+
+    dlq = sub.add_parser("dlq", help="dead-letter tools")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    replay = dlq_sub.add_parser("replay", help="re-publish dead letters to their source topic")
+    replay.add_argument("--reason", action="append", help="only this reason (repeatable)")
+    replay.add_argument("--from-beginning", action="store_true", help="also already replayed")
+    replay.add_argument("--dry-run", action="store_true")
+    replay.set_defaults(func=cmd_dlq_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command != "worker":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    raise SystemExit(args.func(args))

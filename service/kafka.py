@@ -1,0 +1,75 @@
+"""Kafka client configuration from Settings: security options and topic creation."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.helpers import create_ssl_context
+
+from service.settings import SecurityProtocol, Settings
+from service.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """Settings -> a TLS context for SSL / SASL_SSL, else None."""
+    if settings.kafka_security_protocol not in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL):
+        return None
+    password = settings.kafka_ssl_key_password
+    context: ssl.SSLContext = create_ssl_context(
+        cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+        certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+        keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+        password=password.get_secret_value() if password else None,
+    )
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    return context
+
+
+def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
+    """Settings -> the connection and security keyword arguments of any aiokafka client."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol.value,
+    }
+    context = ssl_context(settings)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    if settings.kafka_security_protocol in (
+        SecurityProtocol.SASL_PLAINTEXT,
+        SecurityProtocol.SASL_SSL,
+    ):
+        password = settings.kafka_sasl_password
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism.value
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = password.get_secret_value() if password else None
+    return kwargs
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create the contract's topics that do not exist yet -> the names created."""
+    topics = Topics(settings.topic_prefix)
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                name,
+                settings.partitions,
+                settings.replication_factor,
+                topic_configs={"cleanup.policy": "compact"} if compacted else {},
+            )
+            for name, compacted in topics.contract_topics().items()
+            if name not in existing
+        ]
+        if missing:
+            await admin.create_topics(missing)
+            log.info("created topics", extra={"topics": [topic.name for topic in missing]})
+        return [topic.name for topic in missing]
+    finally:
+        await admin.close()

@@ -1,0 +1,66 @@
+"""Topic names of the contract, derived from CX_TOPIC_PREFIX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.canonical import CHANNELS, Channel
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Every topic cxpulse reads or writes, for one prefix."""
+
+    prefix: str
+
+    def raw(self, channel: Channel) -> str:
+        return f"{self.prefix}.raw.{channel}"
+
+    @property
+    def raw_topics(self) -> dict[str, Channel]:
+        """Raw topic name -> its channel."""
+        return {self.raw(channel): channel for channel in CHANNELS}
+
+    @property
+    def timeline(self) -> str:
+        return f"{self.prefix}.timeline"
+
+    @property
+    def identity(self) -> str:
+        return f"{self.prefix}.identity"
+
+    @property
+    def profiles(self) -> str:
+        return f"{self.prefix}.profiles"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}.metrics"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}.alerts"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}.deadletter"
+
+    @property
+    def accepted(self) -> str:
+        """Internal: normalized events keyed by event id, so duplicates meet in one partition."""
+        return f"{self.prefix}.internal.accepted"
+
+    def contract_topics(self) -> dict[str, bool]:
+        """Topic name -> compacted?, for every topic of the contract."""
+        names = dict.fromkeys(self.raw_topics, False)
+        names.update(
+            {
+                self.timeline: False,
+                self.identity: False,
+                self.profiles: True,
+                self.metrics: True,
+                self.alerts: False,
+                self.deadletter: False,
+            }
+        )
+        return names

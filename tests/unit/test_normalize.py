@@ -1,0 +1,448 @@
+"""normalize(): raw event + source -> canonical touchpoint (contract section 3) + identifiers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from service.canonical import Normalized, Ratings, Source, Touchpoint
+from service.identity import ProvisionalResolver, identifiers_of, provisional_key
+from service.normalize import normalize
+from service.parse import Rejected, parse
+from service.raw import RawEvent
+from tests.unit._golden import (
+    CANONICAL_KIND,
+    KIND_FIELD,
+    LIMITS,
+    NOW,
+    PII_KEY,
+    dumps,
+    hmac_hex,
+    source,
+    valid_goldens,
+)
+
+pytestmark = pytest.mark.unit
+
+WEB: dict[str, Any] = {
+    "event_id": "w-1",
+    "type": "page_view",
+    "sent_at": "2026-11-20T11:15:30.123456+01:00",
+    "anonymous_id": "anon-1",
+    "session_id": "sess-1",
+    "page": {"url": "https://shop.example.com/", "title": "Home"},
+}
+CHAT: dict[str, Any] = {
+    "id": "c-1",
+    "conversation_id": "conv-1",
+    "event": "message",
+    "timestamp": 1_795_169_730_123,
+    "customer": {"visitor_id": "vis-1"},
+    "author": "customer",
+}
+SUPPORT: dict[str, Any] = {
+    "event_id": "s-1",
+    "ticket_id": "T-1",
+    "action": "created",
+    "occurred_at": "2026-11-20 05:15:30.123999-05:00",
+    "requester": {"email": "ana@example.com"},
+}
+STORE: dict[str, Any] = {
+    "txn_id": "p-1",
+    "store_id": "st-1",
+    "kind": "purchase",
+    "time": 1_795_169_730,
+    "loyalty_card": "6012345678",
+    "amount": "19.99",
+    "currency": "EUR",
+}
+BASE = {"web": WEB, "chat": CHAT, "support": SUPPORT, "store": STORE}
+# Extra fields a kind needs to be valid.
+NEEDS: dict[tuple[str, str], dict[str, Any]] = {
+    ("web", "survey_response"): {"survey": {"kind": "nps", "score": 9}},
+    ("chat", "rating"): {"rating": 4},
+    ("support", "survey"): {"survey": {"csat": 5}},
+    ("store", "kiosk_survey"): {"amount": None, "currency": None, "nps": 10},
+}
+OCCURRED = datetime(2026, 11, 20, 10, 15, 30, 123000, tzinfo=UTC)
+
+
+def _event(channel: str, **patch: Any) -> RawEvent:
+    result = parse(channel, dumps(BASE[channel] | patch), LIMITS, NOW)
+    assert not isinstance(result, Rejected), result
+    return result
+
+
+def _norm(channel: str, **patch: Any) -> Normalized:
+    return normalize(_event(channel, **patch), source(channel), PII_KEY)
+
+
+def _tp(channel: str, **patch: Any) -> Touchpoint:
+    return _norm(channel, **patch).touchpoint
+
+
+KIND_CASES = [
+    (channel, raw_kind, canonical)
+    for channel, kinds in CANONICAL_KIND.items()
+    for raw_kind, canonical in kinds.items()
+]
+
+
+@pytest.mark.parametrize(("channel", "raw_kind", "canonical"), KIND_CASES)
+def test_kind_mapping(channel: str, raw_kind: str, canonical: str) -> None:
+    patch = {KIND_FIELD[channel]: raw_kind} | NEEDS.get((channel, raw_kind), {})
+    assert _tp(channel, **patch).kind == canonical
+
+
+@pytest.mark.parametrize(
+    ("channel", "raw_kind"),
+    [("chat", "rating"), ("support", "survey"), ("store", "kiosk_survey")],
+)
+def test_surveys_become_survey_response(channel: str, raw_kind: str) -> None:
+    patch = {KIND_FIELD[channel]: raw_kind} | NEEDS[(channel, raw_kind)]
+    assert _tp(channel, **patch).kind == "survey_response"
+
+
+def test_support_solved_is_ticket_solved() -> None:
+    assert _tp("support", action="solved").kind == "ticket_solved"
+    assert _tp("support", action="reopened").kind == "ticket_reopened"
+    assert _tp("support", action="created").kind == "ticket_created"
+
+
+@pytest.mark.parametrize(
+    ("channel", "patch", "thread"),
+    [
+        ("web", {}, "sess-1"),
+        ("web", {"session_id": None}, None),
+        ("chat", {}, "conv-1"),
+        ("support", {}, "T-1"),
+        ("store", {}, "p-1"),
+    ],
+)
+def test_thread_id(channel: str, patch: dict[str, Any], thread: str | None) -> None:
+    assert _tp(channel, **patch).thread_id == thread
+
+
+@pytest.mark.parametrize(
+    ("channel", "patch", "ratings"),
+    [
+        ("web", {}, (None, None, None)),
+        (
+            "web",
+            {"type": "survey_response", "survey": {"kind": "nps", "score": 0}},
+            (0, None, None),
+        ),
+        (
+            "web",
+            {"type": "survey_response", "survey": {"kind": "csat", "score": 5}},
+            (None, 5, None),
+        ),
+        (
+            "web",
+            {"type": "survey_response", "survey": {"kind": "ces", "score": 7}},
+            (None, None, 7),
+        ),
+        ("chat", {}, (None, None, None)),
+        ("chat", {"event": "rating", "rating": 2}, (None, 2, None)),
+        ("support", {}, (None, None, None)),
+        ("support", {"action": "survey", "survey": {"csat": 1, "ces": 7}}, (None, 1, 7)),
+        ("support", {"action": "survey", "survey": {"ces": 3}}, (None, None, 3)),
+        ("store", {}, (None, None, None)),
+        ("store", {"kind": "kiosk_survey", "amount": None, "nps": 6, "csat": 4}, (6, 4, None)),
+        ("store", {"kind": "kiosk_survey", "amount": None, "csat": 3}, (None, 3, None)),
+    ],
+)
+def test_ratings(
+    channel: str, patch: dict[str, Any], ratings: tuple[int | None, int | None, int | None]
+) -> None:
+    nps, csat, ces = ratings
+    assert _tp(channel, **patch).ratings == Ratings(nps=nps, csat=csat, ces=ces)
+
+
+def test_amount_and_currency() -> None:
+    purchase = _tp("store")
+    assert (purchase.amount, purchase.currency) == ("19.99", "EUR")
+    refund = _tp("store", kind="return", amount="5", currency=None)
+    assert (refund.amount, refund.currency) == ("5", None)
+    for channel in ("web", "chat", "support"):
+        other = _tp(channel)
+        assert (other.amount, other.currency) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("channel", "patch"),
+    [
+        (
+            "web",
+            {
+                "type": "survey_response",
+                "survey": {"kind": "csat", "score": 1, "comment": "{text}"},
+            },
+        ),
+        ("chat", {"text": "{text}"}),
+        ("support", {"comment": "{text}"}),
+    ],
+)
+def test_text_redacted_and_scored(channel: str, patch: dict[str, Any]) -> None:
+    raw_text = "Awful, terrible service. Mail ana.perez@example.com or call +44 20 7946 0958."
+    filled = orjson.loads(dumps(patch).replace(b"{text}", raw_text.encode()))
+    tp = _tp(channel, **filled)
+    assert tp.text == "Awful, terrible service. Mail [email] or call [phone]."
+    assert tp.sentiment is not None
+    assert -1.0 <= tp.sentiment < 0
+
+
+@pytest.mark.parametrize(
+    ("channel", "patch"),
+    [
+        ("web", {}),
+        ("web", {"type": "survey_response", "survey": {"kind": "nps", "score": 9}}),
+        ("chat", {"text": None}),
+        ("support", {"comment": None}),
+        ("store", {}),
+    ],
+)
+def test_no_text_no_sentiment(channel: str, patch: dict[str, Any]) -> None:
+    tp = _tp(channel, **patch)
+    assert tp.text is None
+    assert tp.sentiment is None
+
+
+def test_sentiment_polarity() -> None:
+    happy = _tp("chat", text="Great service, thanks a lot! I love it.").sentiment
+    sad = _tp("chat", text="Terrible experience, worst website ever. Awful.").sentiment
+    assert happy is not None
+    assert sad is not None
+    assert 0 < happy <= 1
+    assert -1 <= sad < 0
+
+
+@pytest.mark.parametrize("channel", ["web", "chat", "support", "store"])
+def test_occurred_at_is_utc_millis(channel: str) -> None:
+    tp = _tp(channel)
+    expected = OCCURRED if channel != "store" else OCCURRED.replace(microsecond=0)
+    assert tp.occurred_at == expected
+    assert tp.occurred_at.utcoffset() is not None
+    assert tp.occurred_at.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    dumped = orjson.loads(tp.model_dump_json())["occurred_at"]
+    assert (
+        dumped == expected.strftime("%Y-%m-%dT%H:%M:%S.") + f"{expected.microsecond // 1000:03d}Z"
+    )
+
+
+def test_occurred_at_truncates_not_rounds() -> None:
+    tp = _tp("web", sent_at="2025-12-31T23:59:59.9999999Z")
+    assert orjson.loads(tp.model_dump_json())["occurred_at"] == "2025-12-31T23:59:59.999Z"
+
+
+@pytest.mark.parametrize(
+    ("channel", "source_id"),
+    [("web", "w-1"), ("chat", "c-1"), ("support", "s-1"), ("store", "p-1")],
+)
+def test_event_id_and_channel(channel: str, source_id: str) -> None:
+    tp = _tp(channel)
+    assert tp.event_id == f"{channel}:{source_id}"
+    assert tp.channel == channel
+
+
+def test_source_block() -> None:
+    where = Source(topic="acme.raw.chat", partition=7, offset=123_456_789)
+    tp = normalize(_event("chat"), where, PII_KEY).touchpoint
+    assert tp.source == where
+    assert orjson.loads(tp.model_dump_json())["source"] == {
+        "topic": "acme.raw.chat",
+        "partition": 7,
+        "offset": 123_456_789,
+    }
+
+
+def test_touchpoint_json_has_exactly_the_contract_fields() -> None:
+    body = orjson.loads(_tp("store").model_dump_json())
+    assert set(body) == {
+        "event_id",
+        "channel",
+        "kind",
+        "occurred_at",
+        "customer_key",
+        "thread_id",
+        "ratings",
+        "text",
+        "sentiment",
+        "amount",
+        "currency",
+        "source",
+    }
+    assert set(body["ratings"]) == {"nps", "csat", "ces"}
+
+
+# ----------------------------------------------------------------------------- identifiers
+
+
+def _ids(normalized: Normalized) -> dict[str, str]:
+    return {i.kind: i.value for i in normalized.identifiers}
+
+
+def test_web_identifiers() -> None:
+    got = _ids(_norm("web", user_id="cust-9", email=" Ana@Example.COM "))
+    assert got == {
+        "customer_id": "cust-9",
+        "email": hmac_hex("email", "ana@example.com"),
+        "anonymous_id": hmac_hex("anonymous_id", "anon-1"),
+    }
+
+
+def test_chat_identifiers() -> None:
+    customer = {"customer_id": "cust-9", "email": "LUIS@example.org", "visitor_id": "vis-9"}
+    assert _ids(_norm("chat", customer=customer)) == {
+        "customer_id": "cust-9",
+        "email": hmac_hex("email", "luis@example.org"),
+        "visitor_id": hmac_hex("visitor_id", "vis-9"),
+    }
+
+
+def test_support_identifiers() -> None:
+    requester = {"email": "Maria@Example.org ", "customer_id": "cust-3"}
+    assert _ids(_norm("support", requester=requester)) == {
+        "customer_id": "cust-3",
+        "email": hmac_hex("email", "maria@example.org"),
+    }
+
+
+def test_store_identifiers() -> None:
+    assert _ids(_norm("store", customer_id="cust-4")) == {
+        "customer_id": "cust-4",
+        "loyalty_card": hmac_hex("loyalty_card", "6012345678"),
+    }
+
+
+def test_absent_identifiers_are_left_out() -> None:
+    assert _ids(_norm("web")) == {"anonymous_id": hmac_hex("anonymous_id", "anon-1")}
+    assert _ids(_norm("store", loyalty_card=None, customer_id="c")) == {"customer_id": "c"}
+
+
+def test_email_normalized_before_hashing() -> None:
+    a = _ids(_norm("support", requester={"email": " A@B.com "}))["email"]
+    b = _ids(_norm("support", requester={"email": "a@b.com"}))["email"]
+    assert a == b == hmac_hex("email", "a@b.com")
+
+
+def test_identifier_hash_depends_on_key() -> None:
+    event = _event("web")
+    a = identifiers_of(event, PII_KEY)
+    b = identifiers_of(event, b"another-key-0123456789")
+    assert a != b
+
+
+# ------------------------------------------------------------------------ provisional key
+
+
+@pytest.mark.parametrize(
+    ("channel", "patch", "key"),
+    [
+        ("web", {"user_id": "cust-1", "email": "a@b.co"}, "cust-1"),
+        ("web", {"email": "A@B.co"}, "anon-" + hmac_hex("email", "a@b.co")[:32]),
+        ("web", {}, "anon-" + hmac_hex("anonymous_id", "anon-1")[:32]),
+        ("chat", {}, "anon-" + hmac_hex("visitor_id", "vis-1")[:32]),
+        (
+            "chat",
+            {"customer": {"email": "x@y.io", "visitor_id": "v"}},
+            "anon-" + hmac_hex("email", "x@y.io")[:32],
+        ),
+        ("chat", {"customer": {"customer_id": "cust-2", "visitor_id": "v"}}, "cust-2"),
+        ("support", {}, "anon-" + hmac_hex("email", "ana@example.com")[:32]),
+        ("support", {"requester": {"email": "a@b.co", "customer_id": "cust-3"}}, "cust-3"),
+        ("store", {}, "anon-" + hmac_hex("loyalty_card", "6012345678")[:32]),
+        ("store", {"customer_id": "cust-4"}, "cust-4"),
+    ],
+)
+def test_provisional_customer_key(channel: str, patch: dict[str, Any], key: str) -> None:
+    normalized = _norm(channel, **patch)
+    assert normalized.touchpoint.customer_key == key
+    assert provisional_key(normalized.identifiers) == key
+    assert ProvisionalResolver().resolve(normalized.identifiers) == key
+
+
+def test_same_person_same_anonymous_key_across_channels() -> None:
+    web = _tp("web", email="Ana@Example.com").customer_key
+    support = _tp("support").customer_key
+    chat = _tp("chat", customer={"email": " ana@example.com"}).customer_key
+    assert web == support == chat
+    assert web.startswith("anon-")
+
+
+def test_provisional_key_needs_an_identifier() -> None:
+    with pytest.raises(ValueError, match="identifier"):
+        provisional_key(())
+
+
+# ---------------------------------------------------------------------------- no raw PII
+
+
+PII = ("ana.perez@example.com", "Ana.Perez@Example.COM", "7946 0958", "6012345678", "415-555-0132")
+
+
+@pytest.mark.parametrize(
+    ("channel", "patch"),
+    [
+        (
+            "web",
+            {
+                "type": "survey_response",
+                "email": "Ana.Perez@Example.COM",
+                "survey": {
+                    "kind": "nps",
+                    "score": 3,
+                    "comment": "ana.perez@example.com, +44 20 7946 0958, card 6012345678",
+                },
+            },
+        ),
+        (
+            "chat",
+            {
+                "customer": {"email": "ana.perez@example.com", "visitor_id": "v"},
+                "text": "call 415-555-0132 or ana.perez@example.com",
+            },
+        ),
+        (
+            "support",
+            {
+                "requester": {"email": "Ana.Perez@Example.COM"},
+                "comment": "My loyalty card 6012345678; phone (415) 555-0132",
+            },
+        ),
+        ("store", {"loyalty_card": "6012345678"}),
+    ],
+)
+def test_no_raw_pii_in_output(channel: str, patch: dict[str, Any]) -> None:
+    normalized = _norm(channel, **patch)
+    for text in (normalized.touchpoint.model_dump_json(), normalized.model_dump_json()):
+        lowered = text.lower()
+        for secret in PII:
+            assert secret.lower() not in lowered
+        assert "@" not in text
+
+
+@pytest.mark.parametrize("golden", valid_goldens(), ids=lambda g: g.id)
+def test_no_raw_pii_in_golden_outputs(golden: Any) -> None:
+    doc = golden.doc()
+    event = parse(golden.channel, golden.data(), LIMITS, NOW)
+    assert not isinstance(event, Rejected)
+    normalized = normalize(event, source(golden.channel), PII_KEY)
+    text = normalized.model_dump_json()
+    found = [
+        value
+        for value in (
+            doc.get("email"),
+            doc.get("loyalty_card"),
+            (doc.get("customer") or {}).get("email"),
+            (doc.get("requester") or {}).get("email"),
+        )
+        if value
+    ]
+    for value in found:
+        assert value not in text
+        assert value.strip().lower() not in text
+    assert "@" not in text
