@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, get_args
 
 import orjson
 from pydantic import ValidationError
@@ -22,14 +22,7 @@ Reason = Literal[
     "payload_too_large",
     "processing_error",
 ]
-REASONS: tuple[Reason, ...] = (
-    "invalid_json",
-    "not_an_object",
-    "schema_violation",
-    "timestamp_in_future",
-    "payload_too_large",
-    "processing_error",
-)
+REASONS: tuple[Reason, ...] = get_args(Reason)
 _MAX_DETAIL = 500
 
 

@@ -5,6 +5,7 @@ This is the only module that reads the environment. Everything else receives a `
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import timedelta
 from enum import StrEnum
@@ -22,6 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger(__name__)
+WEAK_KEY_LENGTH = 16
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
 _MAX_DURATION = timedelta(days=3650)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -141,9 +144,9 @@ class Settings(BaseSettings):
 
     @field_validator("pii_key")
     @classmethod
-    def _strong_key(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 16:
-            raise ValueError("must be at least 16 characters")
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
         return value
 
     @model_validator(mode="after")
@@ -175,8 +178,14 @@ class Settings(BaseSettings):
     def require_pii_key(self) -> bytes:
         """The HMAC key as bytes; a worker cannot run without one."""
         if self.pii_key is None:
-            raise SettingsError("CX_PII_KEY: required (at least 16 characters) to hash identifiers")
-        return self.pii_key.get_secret_value().encode()
+            raise SettingsError("CX_PII_KEY: required to hash identifiers (use 32+ random bytes)")
+        key = self.pii_key.get_secret_value()
+        if len(key) < WEAK_KEY_LENGTH:
+            log.warning(
+                "CX_PII_KEY is shorter than %d characters: hashes are easier to guess",
+                WEAK_KEY_LENGTH,
+            )
+        return key.encode()
 
 
 class SettingsError(Exception):
@@ -195,8 +204,9 @@ def describe_settings_error(exc: ValidationError) -> str:
     """A pydantic error -> 'CX_NAME: what is wrong' (one line)."""
     first = exc.errors()[0]
     loc = first.get("loc") or ()
-    name = f"CX_{str(loc[0]).upper()}" if loc else "settings"
     message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more)" if more else ""
-    return f"invalid setting {name}: {message}{suffix}"
+    if not loc:  # a rule across settings: its message names them
+        return f"invalid settings: {message}{suffix}"
+    return f"invalid setting CX_{str(loc[0]).upper()}: {message}{suffix}"

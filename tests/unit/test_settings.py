@@ -124,7 +124,7 @@ BAD_OVERRIDES = [
     ("CX_TOPIC_PREFIX", {"topic_prefix": ".cx"}),
     ("CX_KAFKA_BOOTSTRAP_SERVERS", {"kafka_bootstrap_servers": ""}),
     ("CX_PARTITIONS", {"partitions": 0}),
-    ("CX_PII_KEY", {"pii_key": "too-short"}),
+    ("CX_PII_KEY", {"pii_key": "   "}),
     ("CX_DEDUP_HORIZON", {"dedup_horizon": "23h"}),
     ("CX_DEDUP_HORIZON", {"dedup_horizon": "86399s"}),
     ("CX_DEDUP_HORIZON", {"dedup_horizon": "a day"}),
@@ -158,7 +158,7 @@ BAD_ENV = [
     ("CX_HTTP_PORT", "70000"),
     ("CX_HTTP_PORT", "-1"),
     ("CX_TOPIC_PREFIX", "cx/prod"),
-    ("CX_PII_KEY", "short"),
+    ("CX_PII_KEY", ""),
     ("CX_DEDUP_HORIZON", "12h"),
     ("CX_DEDUP_HORIZON", "forever"),
     ("CX_MAX_CLOCK_SKEW", "soon"),
@@ -264,6 +264,14 @@ def test_require_pii_key_with_key() -> None:
     assert load_settings(pii_key=KEY).require_pii_key() == b"test-pii-key-0123456789"
 
 
+def test_short_pii_key_works_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    assert load_settings(pii_key="short").require_pii_key() == b"short"
+    assert "CX_PII_KEY is shorter than 16" in caplog.text
+    caplog.clear()
+    load_settings(pii_key=KEY).require_pii_key()
+    assert "CX_PII_KEY" not in caplog.text
+
+
 def test_secrets_do_not_leak_in_repr() -> None:
     s = load_settings(
         pii_key=KEY,
@@ -279,10 +287,17 @@ def test_secrets_do_not_leak_in_repr() -> None:
     assert "svc" in repr(s)
 
 
-def test_settings_error_for_bad_key_does_not_echo_it() -> None:
+def test_settings_error_does_not_echo_secrets() -> None:
     with pytest.raises(SettingsError) as info:
-        load_settings(pii_key="tiny-secret")
+        load_settings(
+            pii_key="tiny-secret",
+            kafka_security_protocol="SASL_PLAINTEXT",
+            kafka_sasl_username="svc",
+            kafka_sasl_password="hunter2-hunter2",  # noqa: S106 - test data
+        )
+    assert "CX_KAFKA_SECURITY_PROTOCOL" in str(info.value)
     assert "tiny-secret" not in str(info.value)
+    assert "hunter2" not in str(info.value)
 
 
 def test_settings_class_is_the_result_type() -> None:
