@@ -119,3 +119,12 @@ class Normalized(Canonical):
 
     touchpoint: Touchpoint
     identifiers: tuple[Identifier, ...]
+    placeholders: int = Field(default=0, ge=0)  # placeholder identifiers dropped
+
+
+class IdentityMerge(Canonical):
+    """The value of `cx.identity`: a customer key merged into another."""
+
+    alias: str
+    customer_key: str
+    merged_at: UtcMillis

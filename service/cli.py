@@ -41,6 +41,7 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     except SettingsError as exc:
         print(f"cxpulse: {exc}", file=sys.stderr)
         return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.create_topics:
         asyncio.run(ensure_topics(settings))
     faust_worker = faust.Worker(
@@ -116,6 +117,16 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Queue the removal of a customer (timeline, profile, identity links)."""
+    from service.forget import request_forget
+
+    settings = _settings()
+    asyncio.run(request_forget(settings, args.key))
+    print(f"forget queued for {args.key!r}: processed after the events already in flight")
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded broker + worker + gentle simulated traffic, in one process, until Ctrl-C."""
     from service.broker import BrokerError, start_broker
@@ -185,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--dup-share", type=float, default=0.02)
     simulate.add_argument("--bad-share", type=float, default=0.01)
     simulate.set_defaults(func=cmd_simulate)
+
+    forget = sub.add_parser("forget", help="remove a customer (right to be forgotten)")
+    forget.add_argument("key", help="customer key or an alias of it")
+    forget.set_defaults(func=cmd_forget)
 
     schemas = sub.add_parser("schemas", help="write (or --check) the JSON Schemas")
     schemas.add_argument("--dir", default="schemas")

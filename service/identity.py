@@ -1,26 +1,58 @@
-"""Identity: the identifiers an event shows -> the customer key it belongs to.
+"""Identity: the identifiers an event shows -> the customer they belong to.
 
-`provisional_key` is the strongest-identifier rule used until identity stitching resolves
-keys across events; `Resolver` is the seam the stitching stage plugs into.
+Identifiers that appear together in one event are linked; linked identifiers form one customer
+(a connected component). Its key is its customer_id where one is known, else 'anon-' + the
+smallest keyed hash among its identifiers. That rule depends only on the component, never on
+the order events arrived in.
+
+`IdentityGraph` keeps the components in any string-keyed mapping (a Faust table in the
+worker, a dict in tests). Keys in that mapping:
+  'i|{kind}|{value}' -> customer key the identifier belongs to
+  'c|{key}'          -> {"members": [...], "cid": customer_id or None, "aliases": [...]}
+  'a|{old key}'      -> {"to": surviving key, "by": event id of the linking event}
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import re
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from service.canonical import Identifier, IdKind
 from service.pii import keyed_hash, normalize_email
 from service.raw import ChatEvent, RawEvent, StoreEvent, SupportEvent, WebEvent
 
-# Which identifier names an anonymous customer, strongest first.
-_STRENGTH: tuple[IdKind, ...] = ("email", "loyalty_card", "anonymous_id", "visitor_id")
+# Values that upstream systems send when they have no identifier. Linking through one of them
+# would merge every anonymous visitor into one customer (PostHog and Segment guard the same).
+PLACEHOLDERS = frozenset(
+    {
+        "", "0", "-1", "null", "none", "nil", "undefined", "nan", "n/a", "na", "unknown",
+        "guest", "anonymous", "anon", "user", "test", "default", "[object object]", "false",
+        "true", "{}", "[]", "00000000-0000-0000-0000-000000000000",
+    }
+)  # fmt: skip
+_PLACEHOLDER_MAILBOXES = frozenset(
+    {"test", "noreply", "no-reply", "donotreply", "do-not-reply", "none", "null", "email",
+     "user", "guest", "anonymous", "unknown", "example", "foo", "info", "nobody"}
+)  # fmt: skip
+_PLACEHOLDER_DOMAINS = frozenset({"example.com", "test.com", "email.com", "domain.com"})
+_EMAIL_SHAPE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class Resolver(Protocol):
-    """Identifiers of one event -> the customer key to file it under."""
-
-    def resolve(self, identifiers: Sequence[Identifier]) -> str: ...
+def is_placeholder(kind: IdKind, value: str) -> bool:
+    """(kind, raw value) -> True for a value that identifies nobody (never linked)."""
+    text = value.strip().lower()
+    if text in PLACEHOLDERS:
+        return True
+    if kind == "email":
+        if not _EMAIL_SHAPE.match(text):
+            return True
+        mailbox, _, domain = text.partition("@")
+        return mailbox in _PLACEHOLDER_MAILBOXES and (
+            domain in _PLACEHOLDER_DOMAINS or mailbox in {"test", "noreply", "no-reply"}
+        )
+    return False
 
 
 def _raw_identifiers(event: RawEvent) -> list[tuple[IdKind, str | None]]:
@@ -47,35 +79,159 @@ def _raw_identifiers(event: RawEvent) -> list[tuple[IdKind, str | None]]:
             return [("customer_id", event.customer_id), ("loyalty_card", event.loyalty_card)]
 
 
-def identifiers_of(event: RawEvent, pii_key: bytes) -> tuple[Identifier, ...]:
-    """Raw event -> its identifiers; all but customer_id as keyed hashes, e-mail normalized."""
+def identifiers_of(event: RawEvent, pii_key: bytes) -> tuple[tuple[Identifier, ...], int]:
+    """Raw event -> (its usable identifiers, how many placeholders were dropped). All but
+    customer_id become keyed hashes; e-mail addresses are normalized first."""
     found: list[Identifier] = []
+    placeholders = 0
     for kind, value in _raw_identifiers(event):
         if value is None:
             continue
         if kind == "email":
             value = normalize_email(value)
-        if not value.strip():
+        if is_placeholder(kind, value):
+            placeholders += 1
             continue
         shown = value if kind == "customer_id" else keyed_hash(pii_key, kind, value)
         found.append(Identifier(kind=kind, value=shown))
-    return tuple(found)
+    return tuple(found), placeholders
 
 
-def provisional_key(identifiers: Sequence[Identifier]) -> str:
-    """Identifiers -> customer_id if present, else 'anon-' + the strongest one's hash."""
-    by_kind = {identifier.kind: identifier.value for identifier in identifiers}
-    if "customer_id" in by_kind:
-        return by_kind["customer_id"]
-    for kind in _STRENGTH:
-        if kind in by_kind:
-            return f"anon-{by_kind[kind][:32]}"
-    # Every raw model requires at least one identifier, so this is a broken invariant.
-    raise ValueError("event carries no identifier")
+def component_key(members: Sequence[str], customer_id: str | None) -> str:
+    """A component's key: its customer_id, else 'anon-' + its smallest identifier hash."""
+    if customer_id is not None:
+        return customer_id
+    return "anon-" + min(member.rpartition("|")[2] for member in members)[:32]
 
 
-class ProvisionalResolver:
-    """The strongest-identifier rule as a `Resolver` (no state, no stitching)."""
+def solo_key(event_id: str, pii_key: bytes) -> str:
+    """Key of an event with no usable identifier: a customer of its own."""
+    return "anon-" + keyed_hash(pii_key, "event", event_id)[:32]
 
-    def resolve(self, identifiers: Sequence[Identifier]) -> str:
-        return provisional_key(identifiers)
+
+def provisional_key(identifiers: Sequence[Identifier]) -> str | None:
+    """Identifiers of one event, taken alone -> the key they would form (None if none)."""
+    if not identifiers:
+        return None
+    members = [_member(identifier) for identifier in identifiers]
+    cid = next((i.value for i in identifiers if i.kind == "customer_id"), None)
+    return component_key(members, cid)
+
+
+def _member(identifier: Identifier) -> str:
+    return f"i|{identifier.kind}|{identifier.value}"
+
+
+@dataclass
+class Resolution:
+    """What linking one event did: its customer key, the keys merged away, refusals."""
+
+    key: str
+    merges: list[str] = field(default_factory=list)  # old keys now aliases of `key`
+    refused: int = 0
+
+
+@dataclass
+class Forgotten:
+    """What forgetting a customer removed."""
+
+    key: str
+    aliases: list[str]
+    identifiers: int
+
+
+class IdentityGraph:
+    """Connected components of identifiers, in a string-keyed mapping (see module doc)."""
+
+    def __init__(self, store: MutableMapping[str, Any]) -> None:
+        self.store = store
+
+    def surviving(self, key: str) -> str | None:
+        """A customer key or an alias -> the current key (None if unknown)."""
+        seen = 0
+        while seen < 64:  # alias chains are short; the bound guards against a corrupt loop
+            if f"c|{key}" in self.store:
+                return key
+            alias = self.store.get(f"a|{key}")
+            if alias is None:
+                return None
+            key = str(alias["to"])
+            seen += 1
+        return None
+
+    def component(self, key: str) -> dict[str, Any] | None:
+        value = self.store.get(f"c|{key}")
+        return None if value is None else dict(value)
+
+    def link(self, identifiers: Sequence[Identifier], event_id: str) -> Resolution:
+        """Link the identifiers of one event -> the customer key the event belongs to.
+
+        Two different known customer_ids are never merged: a component whose customer_id
+        differs from the event's (or from another candidate's) is left apart and counted as a
+        refused merge."""
+        if not identifiers:
+            raise ValueError("an event with no identifier has a key of its own (solo_key)")
+        members = list(dict.fromkeys(_member(i) for i in identifiers))
+        event_cid = next((i.value for i in identifiers if i.kind == "customer_id"), None)
+        roots = list(dict.fromkeys(r for m in members if (r := self.store.get(m)) is not None))
+        cids = {root: self.store[f"c|{root}"]["cid"] for root in roots}
+
+        # Which customer_id the result carries: the event's own, else the one the candidates
+        # agree on; candidates with another customer_id are refused.
+        chosen = event_cid
+        if chosen is None:
+            known = sorted({cid for cid in cids.values() if cid is not None})
+            chosen = known[0] if known else None
+        joined = [root for root in roots if cids[root] in (None, chosen)]
+        refused = [root for root in roots if root not in joined]
+        # An identifier already owned by a refused customer stays there.
+        owned_elsewhere = {m for m in members if self.store.get(m) in refused}
+        new_members = [m for m in members if m not in self.store]
+
+        all_members: list[str] = []
+        aliases: list[str] = []
+        for root in joined:
+            component = self.store[f"c|{root}"]
+            all_members.extend(component["members"])
+            aliases.extend(component["aliases"])
+        all_members.extend(new_members)
+
+        key = component_key(all_members, chosen)
+        merged = [root for root in joined if root != key]
+        for root in joined:
+            del self.store[f"c|{root}"]
+        for old in merged:
+            self.store[f"a|{old}"] = {"to": key, "by": event_id}
+        self.store[f"c|{key}"] = {
+            "members": sorted(set(all_members)),
+            "cid": chosen,
+            "aliases": sorted(set(aliases) | set(merged)),
+        }
+        for member in set(all_members) - owned_elsewhere:
+            if self.store.get(member) != key:
+                self.store[member] = key
+        return Resolution(key=key, merges=merged, refused=len(refused))
+
+    def merges_by(self, key: str, event_id: str) -> list[str]:
+        """The aliases of a customer that one event's link created (to re-send on replay)."""
+        component = self.store.get(f"c|{key}")
+        if component is None:
+            return []
+        return [
+            alias
+            for alias in component["aliases"]
+            if (self.store.get(f"a|{alias}") or {}).get("by") == event_id
+        ]
+
+    def forget(self, key: str) -> Forgotten | None:
+        """Remove a customer's identifiers and aliases -> what was removed (None: unknown)."""
+        current = self.surviving(key)
+        if current is None:
+            return None
+        component = self.store.pop(f"c|{current}")
+        for member in component["members"]:
+            if self.store.get(member) == current:
+                del self.store[member]
+        for alias in component["aliases"]:
+            self.store.pop(f"a|{alias}", None)
+        return Forgotten(current, list(component["aliases"]), len(component["members"]))

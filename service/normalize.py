@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.canonical import Kind, Normalized, Ratings, Source, Touchpoint, to_utc_millis
-from service.identity import identifiers_of, provisional_key
+from service.identity import identifiers_of, provisional_key, solo_key
 from service.pii import redact
 from service.raw import ChatEvent, RawEvent, StoreEvent, SupportEvent, WebEvent
 from service.sentiment import sentiment
@@ -70,14 +70,15 @@ def _specifics(
 def normalize(event: RawEvent, source: Source, pii_key: bytes) -> Normalized:
     """Raw event + source coordinates + HMAC key -> touchpoint and identifiers."""
     kind, thread_id, ratings, text, amount, currency = _specifics(event)
-    identifiers = identifiers_of(event, pii_key)
+    identifiers, placeholders = identifiers_of(event, pii_key)
+    event_id = f"{event.channel}:{event.source_id}"
     clean_text = redact(text) if text else None
     touchpoint = Touchpoint(
-        event_id=f"{event.channel}:{event.source_id}",
+        event_id=event_id,
         channel=event.channel,
         kind=kind,
         occurred_at=to_utc_millis(event.occurred_at),
-        customer_key=provisional_key(identifiers),
+        customer_key=provisional_key(identifiers) or solo_key(event_id, pii_key),
         thread_id=thread_id,
         ratings=ratings,
         text=clean_text,
@@ -86,4 +87,4 @@ def normalize(event: RawEvent, source: Source, pii_key: bytes) -> Normalized:
         currency=currency,
         source=source,
     )
-    return Normalized(touchpoint=touchpoint, identifiers=identifiers)
+    return Normalized(touchpoint=touchpoint, identifiers=identifiers, placeholders=placeholders)

@@ -64,6 +64,27 @@ class Metrics:
             ["stage"],
             registry=registry,
         )
+        self.identity_merges = Counter(
+            "cxpulse_identity_merges",
+            "Customers merged into another because an event linked their identifiers.",
+            registry=registry,
+        )
+        self.identity_refused = Counter(
+            "cxpulse_identity_merges_refused",
+            "Merges refused because the customers have different known customer_ids.",
+            registry=registry,
+        )
+        self.identity_placeholders = Counter(
+            "cxpulse_identity_placeholders",
+            "Placeholder identifiers ('null', 'guest', test@example.com, ...) never linked.",
+            ["channel"],
+            registry=registry,
+        )
+        self.forgotten = Counter(
+            "cxpulse_customers_forgotten",
+            "Right-to-be-forgotten requests carried out.",
+            registry=registry,
+        )
         self.ready = Gauge(
             "cxpulse_ready",
             "1 when partitions are assigned and state is recovered, else 0.",
@@ -71,7 +92,13 @@ class Metrics:
         )
         # Children exist from the start so that rates and sums see zeros, not gaps.
         for channel in CHANNELS:
-            for counter in (self.consumed, self.accepted, self.duplicates, self.replayed):
+            for counter in (
+                self.consumed,
+                self.accepted,
+                self.duplicates,
+                self.replayed,
+                self.identity_placeholders,
+            ):
                 counter.labels(channel=channel)
             for reason in REASONS:
                 self.deadletters.labels(channel=channel, reason=reason)

@@ -8,8 +8,9 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
-from service.canonical import Touchpoint
+from service.canonical import IdentityMerge, Touchpoint
 from service.deadletter import DeadLetterHeaders
+from service.profile import Profile
 from service.raw import ChatEvent, StoreEvent, SupportEvent, WebEvent
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -20,6 +21,8 @@ MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "raw.support.json": (SupportEvent, "cx.raw.support value: one help-desk ticket event"),
     "raw.store.json": (StoreEvent, "cx.raw.store value: one point-of-sale or kiosk event"),
     "timeline.json": (Touchpoint, "cx.timeline value: one canonical touchpoint"),
+    "identity.json": (IdentityMerge, "cx.identity value: a customer key merged into another"),
+    "profile.json": (Profile, "cx.profiles value and GET /v1/customers/{key}: one profile"),
     "deadletter-headers.json": (
         DeadLetterHeaders,
         "cx.deadletter headers (UTF-8 strings; numbers as decimal text)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -131,6 +132,12 @@ class Settings(BaseSettings):
     max_clock_skew: NonNegativeDuration = timedelta(minutes=5)
     max_payload_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
 
+    # Customers
+    timeline_max_events: int = Field(default=100, ge=1, le=10_000)
+    timeline_max_age: Duration = timedelta(days=365)
+    http_advertised_url: str | None = Field(default=None, pattern=r"^https?://[^/\s]+$")
+    http_delete_enabled: bool = False
+
     # Metrics
     emit_interval: Duration = timedelta(seconds=1)
     min_responses: int = Field(default=30, ge=1, le=1_000_000)
@@ -169,6 +176,11 @@ class Settings(BaseSettings):
                 "use SASL_SSL or set CX_KAFKA_ALLOW_SASL_PLAINTEXT=true"
             )
         return self
+
+    @property
+    def advertised_url(self) -> str:
+        """Where other workers reach this one's HTTP server (to forward customer reads)."""
+        return self.http_advertised_url or f"http://{socket.gethostname()}:{self.http_port}"
 
     @property
     def consumer_group(self) -> str:

@@ -50,6 +50,17 @@ class Topics:
         """Internal: normalized events keyed by event id, so duplicates meet in one partition."""
         return f"{self.prefix}.internal.accepted"
 
+    @property
+    def identity_stream(self) -> str:
+        """Internal, one partition: every event passes the single writer of the identity
+        graph, so all workers agree on who is who."""
+        return f"{self.prefix}.internal.identity"
+
+    @property
+    def customer_stream(self) -> str:
+        """Internal: events, merges and forgets keyed by customer key."""
+        return f"{self.prefix}.internal.customers"
+
     def contract_topics(self) -> dict[str, bool]:
         """Topic name -> compacted?, for every topic of the contract."""
         names = dict.fromkeys(self.raw_topics, False)

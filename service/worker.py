@@ -11,26 +11,31 @@ import asyncio
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import faust
+import orjson
+from aiokafka.partitioner import DefaultPartitioner
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import Message
 from prometheus_client import CollectorRegistry
 
-from service.canonical import CHANNELS, Normalized, Source
+from service.canonical import CHANNELS, IdentityMerge, Normalized, Source
 from service.deadletter import deadletter_headers
 from service.dedup import ExpiryIndex, Seen, classify
+from service.forget import FORGET_KEY, forget_command
 from service.http import HttpService, make_web_app
-from service.identity import ProvisionalResolver, Resolver
+from service.identity import IdentityGraph
 from service.kafka import ssl_context
 from service.normalize import normalize
 from service.observability import Metrics
 from service.parse import Limits, Rejected, parse
+from service.profile import profile
 from service.settings import SecurityProtocol, Settings
+from service.timeline import Bounds, Record, absorb, add_event
 from service.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ def ingest_one(
         return Rejected("processing_error", f"{type(exc).__name__} while processing")
 
 
+_PARTITIONER = DefaultPartitioner()
 _FETCH_WAIT_MS: weakref.WeakKeyDictionary[faust.App, int] = weakref.WeakKeyDictionary()
 
 
@@ -121,6 +127,7 @@ def _faust_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",
         table_standby_replicas=0,
         recovery_consistency_check=settings.recovery_consistency_check,
+        canonical_url=settings.advertised_url,
     )
     _FETCH_WAIT_MS[app] = int(settings.kafka_fetch_max_wait.total_seconds() * 1000)
     return app
@@ -139,7 +146,7 @@ def _raw_topic(app: faust.App, *names: str, partitions: int | None = None) -> fa
 
 @dataclass
 class Worker:
-    """A configured Faust app with its agents, topics, dedup state, metrics and readiness."""
+    """A configured Faust app with its agents, topics, state, metrics and readiness."""
 
     settings: Settings
     app: faust.App
@@ -148,26 +155,29 @@ class Worker:
     topics: Topics
     raw_topic: faust.TopicT
     accepted_topic: faust.TopicT
+    identity_stream: faust.TopicT
+    customer_stream: faust.TopicT
     timeline_topic: faust.TopicT
     deadletter_topic: faust.TopicT
+    identity_out: faust.TopicT
+    profiles_topic: faust.TopicT
     dedup_table: Any
+    identity_table: Any
+    customers_table: Any
     agents: dict[str, faust.types.AgentT[Any]] = field(default_factory=dict)
     indexes: dict[int, dict[str, ExpiryIndex]] = field(default_factory=dict)
     assigned_once: bool = False
+    latest_ms: int = 0  # newest event time this worker has filed on a customer
 
     def ready(self) -> bool:
         """Partitions assigned, not rebalancing, table state recovered."""
-        app = self.app
-        ok = (
-            self.assigned_once
-            and not app.rebalancing
-            and cast(Any, app.tables).recovery.completed.is_set()
-        )
+        recovered = cast(Any, self.app.tables).recovery.completed.is_set()
+        ok = self.assigned_once and not self.app.rebalancing and recovered
         self.metrics.ready.set(1 if ok else 0)
         return ok
 
     def http_service(self) -> HttpService:
-        web_app = make_web_app(self.registry, self.ready)
+        web_app = make_web_app(self.registry, self.ready, CustomerReads(self))
         return HttpService(web_app, self.settings.http_host, self.settings.http_port)
 
     def source_partitions(self, topic: str) -> int:
@@ -195,11 +205,60 @@ class Worker:
             self.indexes[partition] = indexes
         return indexes[channel]
 
+    def owner_url(self, key: str) -> str | None:
+        """Base URL of the worker holding a customer key, or None when it is this one.
+
+        The key's partition is the producer's (murmur2 of the key bytes, as Kafka's default
+        partitioner); its owner comes from the assignment every member shares."""
+        partitions = self.source_partitions(self.topics.customer_stream) or self.settings.partitions
+        partition = _PARTITIONER(key.encode(), list(range(partitions)), list(range(partitions)))
+        changelog = self.customers_table.changelog_topic.get_topic_name()
+        assignor = cast(Any, self.app.assignor)
+        for url, topics in assignor.changelog_distribution.items():
+            if partition in topics.get(changelog, ()):
+                owner = str(url).rstrip("/")
+                return None if owner == self.settings.advertised_url.rstrip("/") else owner
+        return None  # not assigned yet: answered locally (a 404 rather than a loop)
+
+    def record(self, key: str) -> Record | None:
+        """The local customer record of a key (outside an agent: any local partition)."""
+        value = self.customers_table.get(key)
+        return None if value is None else cast(Record, value)
+
+
+class CustomerReads:
+    """What the HTTP layer needs from a worker to answer customer queries."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def owner_url(self, key: str) -> str | None:
+        return self.worker.owner_url(key)
+
+    def record(self, key: str) -> Record | None:
+        return self.worker.record(key)
+
+    def profile(self, key: str, record: Record, now_ms: int) -> dict[str, Any]:
+        state = record["profile"]
+        view = profile(key, state, int(record["aliases"]), max(now_ms, state["last"] or 0))
+        return view.model_dump(mode="json")
+
+    async def forget(self, key: str) -> None:
+        await forget_request(self.worker.identity_stream, key)
+
+    @property
+    def delete_enabled(self) -> bool:
+        return self.worker.settings.http_delete_enabled
+
+
+async def forget_request(identity_stream: faust.TopicT, key: str) -> None:
+    """Queue a right-to-be-forgotten request behind every event already on its way."""
+    await identity_stream.send(key=FORGET_KEY, value=forget_command(key))
+
 
 def build_worker(
     settings: Settings,
     registry: CollectorRegistry | None = None,
-    resolver: Resolver | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     on_fatal: Callable[[str, BaseException], None] | None = None,
 ) -> Worker:
@@ -212,12 +271,13 @@ def build_worker(
         on_fatal = exit_now
     _patch_fetch_wait()
     registry = registry or CollectorRegistry()
-    resolver = resolver or ProvisionalResolver()
     metrics = Metrics(registry)
     topics = Topics(settings.topic_prefix)
     pii_key = settings.require_pii_key()
     limits = Limits(settings.max_payload_bytes, settings.max_clock_skew)
+    bounds = Bounds(settings.timeline_max_events, settings.timeline_max_age)
     app = _faust_app(settings)
+    json_table: faust.Schema[Any, Any] = faust.Schema(key_serializer="raw", value_serializer="json")
     worker = Worker(
         settings=settings,
         app=app,
@@ -226,15 +286,19 @@ def build_worker(
         topics=topics,
         raw_topic=_raw_topic(app, *topics.raw_topics),
         accepted_topic=_raw_topic(app, topics.accepted, partitions=settings.partitions),
+        identity_stream=_raw_topic(app, topics.identity_stream, partitions=1),
+        customer_stream=_raw_topic(app, topics.customer_stream, partitions=settings.partitions),
         timeline_topic=_raw_topic(app, topics.timeline),
         deadletter_topic=_raw_topic(app, topics.deadletter),
-        dedup_table=app.Table(
-            "dedup",
-            partitions=settings.partitions,
-            schema=faust.Schema(key_serializer="raw", value_serializer="json"),
-        ),
+        identity_out=_raw_topic(app, topics.identity),
+        profiles_topic=_raw_topic(app, topics.profiles),
+        dedup_table=app.Table("dedup", partitions=settings.partitions, schema=json_table),
+        identity_table=app.Table("identity", partitions=1, schema=json_table),
+        customers_table=app.Table("customers", partitions=settings.partitions, schema=json_table),
     )
     dedup_table = worker.dedup_table
+    customers = worker.customers_table
+    graph = IdentityGraph(StrKeys(worker.identity_table))
 
     def on_sent(fut: asyncio.Future[Any]) -> None:
         # A lost output must stop the worker before it commits past the input.
@@ -277,7 +341,7 @@ def build_worker(
             await publish(worker.accepted_topic, event_id, outcome.model_dump_json().encode())
 
     async def handle_accepted(message: Message) -> None:
-        """Normalized event -> dedup -> identity -> cx.timeline."""
+        """Normalized event -> dedup -> the identity stage (duplicates stop here)."""
         normalized = Normalized.model_validate_json(message.value or b"")
         touchpoint = normalized.touchpoint
         channel = touchpoint.channel
@@ -301,10 +365,99 @@ def build_worker(
             metrics.accepted.labels(channel=channel).inc()
         else:
             metrics.replayed.labels(channel=channel).inc()
-        key = resolver.resolve(normalized.identifiers)
+        if normalized.placeholders:
+            metrics.identity_placeholders.labels(channel=channel).inc(normalized.placeholders)
+        await publish(worker.identity_stream, message.key, message.value)
+
+    async def to_customer(key: str, command: dict[str, Any]) -> None:
+        await publish(worker.customer_stream, key.encode(), orjson.dumps(command))
+
+    async def handle_identity(message: Message) -> None:
+        """Event -> its customer key (linking its identifiers), merges -> cx.identity;
+        forget requests -> removed from the graph."""
+        document = orjson.loads(message.value or b"{}")
+        if document.get("t") == "forget":
+            key = str(document["key"])
+            forgotten = graph.forget(key)
+            targets = {key} if forgotten is None else {key, forgotten.key, *forgotten.aliases}
+            for target in sorted(targets):
+                await to_customer(target, {"t": "forget"})
+            metrics.forgotten.inc()
+            log.info("customer forgotten", extra={"aliases": len(targets) - 1})
+            return
+        normalized = Normalized.model_validate_json(message.value or b"")
+        touchpoint = normalized.touchpoint
+        key = touchpoint.customer_key
+        merged: list[str] = []
+        if normalized.identifiers:
+            resolution = graph.link(normalized.identifiers, touchpoint.event_id)
+            key, merged = resolution.key, resolution.merges
+            metrics.identity_merges.inc(len(merged))
+            if resolution.refused:
+                metrics.identity_refused.inc(resolution.refused)
+                log.warning(
+                    "refused to merge customers with different customer_ids",
+                    extra={"event_id": touchpoint.event_id, "refused": resolution.refused},
+                )
+            # A replay of the linking event re-sends its merges: the first sending may not
+            # have reached the customer stage before a crash (absorbing twice is harmless).
+            merged = merged or graph.merges_by(key, touchpoint.event_id)
+        for alias in merged:
+            await to_customer(alias, {"t": "merge", "into": key})
+            announcement = IdentityMerge(
+                alias=alias, customer_key=key, merged_at=touchpoint.occurred_at
+            )
+            await publish(
+                worker.identity_out, alias.encode(), announcement.model_dump_json().encode()
+            )
         if key != touchpoint.customer_key:
             touchpoint = touchpoint.model_copy(update={"customer_key": key})
-        await publish(worker.timeline_topic, key.encode(), touchpoint.model_dump_json().encode())
+        await to_customer(key, {"t": "event", "tp": touchpoint.model_dump(mode="json")})
+
+    async def publish_profile(key: str, record: Record) -> None:
+        state = record["profile"]
+        as_of = max(worker.latest_ms, state["last"] or 0)
+        view = profile(key, state, int(record["aliases"]), as_of)
+        await publish(worker.profiles_topic, key.encode(), view.model_dump_json().encode())
+
+    async def handle_customer(message: Message) -> None:
+        """Customer command (event, merge, absorb, forget) -> customer record, cx.timeline and
+        cx.profiles."""
+        key = (message.key or b"").decode()
+        command = orjson.loads(message.value or b"{}")
+        kind = command["t"]
+        record = customers.get(key)
+        if record is not None and "alias_of" in record and kind in ("event", "absorb"):
+            # Merged away while this was on its way: it belongs to the surviving customer.
+            await to_customer(str(record["alias_of"]), command)
+            return
+        if kind == "event":
+            touchpoint = command["tp"]
+            record, is_new = add_event(record, touchpoint, bounds)
+            worker.latest_ms = max(worker.latest_ms, int(record["profile"]["last"] or 0))
+            if is_new:
+                customers[key] = record
+                await publish_profile(key, record)
+            # Published again on a replay: the first copy may have been lost in a crash.
+            value = orjson.dumps({**touchpoint, "customer_key": key})
+            await publish(worker.timeline_topic, key.encode(), value)
+        elif kind == "merge":
+            into = str(command["into"])
+            if record is not None and "alias_of" not in record:
+                await to_customer(into, {"t": "absorb", "from": key, "record": record})
+            customers[key] = {"alias_of": into}
+            await publish(worker.profiles_topic, key.encode(), None)
+        elif kind == "absorb":
+            merged = absorb(record, str(command["from"]), command["record"], bounds)
+            customers[key] = merged
+            await publish_profile(key, merged)
+        elif kind == "forget":
+            customers.pop(key, None)
+            await publish(worker.profiles_topic, key.encode(), None)
+            if record is not None and "alias_of" in record:
+                # This key's record may be on its way to the survivor (an absorb sent just
+                # before): forgetting there again, after it, keeps it from coming back.
+                await to_customer(str(record["alias_of"]), {"t": "forget"})
 
     def agent(stage: str, handle: Callable[[Message], Awaitable[None]]) -> Any:
         async def run(stream: faust.StreamT[bytes]) -> None:
@@ -319,8 +472,42 @@ def build_worker(
         run.__name__ = run.__qualname__ = stage
         return run
 
-    worker.agents = {
-        "ingest": app.agent(worker.raw_topic, name="ingest")(agent("ingest", handle_raw)),
-        "accept": app.agent(worker.accepted_topic, name="accept")(agent("accept", handle_accepted)),
-    }
+    stages: list[tuple[str, faust.TopicT, Callable[[Message], Awaitable[None]]]] = [
+        ("ingest", worker.raw_topic, handle_raw),
+        ("accept", worker.accepted_topic, handle_accepted),
+        ("identity", worker.identity_stream, handle_identity),
+        ("customers", worker.customer_stream, handle_customer),
+    ]
+    for stage, topic, handle in stages:
+        worker.agents[stage] = app.agent(topic, name=stage)(agent(stage, handle))
     return worker
+
+
+class StrKeys(MutableMapping[str, Any]):
+    """A Faust table with raw (bytes) keys seen as a str-keyed mapping."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> Any:
+        return self.table[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.table[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.table[key]
+
+    def __contains__(self, key: object) -> bool:
+        return self.table.get(key) is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.table.get(key)
+        return default if value is None else value
+
+    def __iter__(self) -> Iterator[str]:
+        for key in self.table:
+            yield key.decode() if isinstance(key, bytes) else key
+
+    def __len__(self) -> int:
+        return len(self.table)

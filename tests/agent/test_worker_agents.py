@@ -2,6 +2,10 @@
 
 Messages go in through the test wrapper's channel with explicit source coordinates; what the
 agents publish is captured by replacing `send` on the output topics.
+
+Stages: ingest (raw -> accepted | deadletter), accept (dedup -> identity stream), identity
+(one partition: identity graph -> customer commands, cx.identity), customers (records ->
+cx.timeline, cx.profiles).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 import socket
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,16 +45,20 @@ from service.deadletter import (
     HEADER_TOPIC,
     read_headers,
 )
-from service.identity import Resolver
+from service.forget import FORGET_KEY, forget_command
+from service.identity import IdentityGraph, is_placeholder, provisional_key
+from service.profile import Profile
 from service.settings import load_settings
-from service.simulate import generate
-from service.worker import Worker, build_worker
+from service.simulate import SimMessage, generate
+from service.worker import StrKeys, Worker, build_worker
 
 pytestmark = pytest.mark.agent
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 PARTITIONS = 4
 ACCEPTED = "cx.internal.accepted"
+IDENTITY_STREAM = "cx.internal.identity"
+CUSTOMER_STREAM = "cx.internal.customers"
 DEADLETTER_HEADERS = [
     HEADER_REASON,
     HEADER_DETAIL,
@@ -97,8 +105,12 @@ class Harness:
     worker: Worker
     registry: CollectorRegistry
     accepted: Capture
+    identity: Capture  # the internal identity stream (accept -> identity)
+    customers: Capture  # the internal customer stream (identity, customers -> customers)
     timeline: Capture
     deadletter: Capture
+    announced: Capture  # cx.identity
+    profiles: Capture
     fatal: list[tuple[str, BaseException]]
 
     def count(self, name: str, **labels: str) -> float:
@@ -113,6 +125,20 @@ class Harness:
             if sample.name == name
         )
 
+    @property
+    def graph(self) -> IdentityGraph:
+        return IdentityGraph(StrKeys(self.worker.identity_table))
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        value = self.worker.customers_table.get(key)
+        return None if value is None else dict(value)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        return {
+            key.decode() if isinstance(key, bytes) else key: dict(value)
+            for key, value in self.worker.customers_table.items()
+        }
+
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,9 +151,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
 
-def make_harness(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resolver: Resolver | None = None
-) -> Harness:
+def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
     """A fresh worker (memory tables, fixed clock) whose output topics are captured."""
     for name in [name for name in os.environ if name.upper().startswith("CX_")]:
         monkeypatch.delenv(name)  # defaults only: the environment must not change topic names
@@ -142,14 +166,21 @@ def make_harness(
     worker = build_worker(
         settings,
         registry=registry,
-        resolver=resolver,
         clock=lambda: NOW,
         on_fatal=lambda stage, exc: fatal.append((stage, exc)),
     )
     worker.app.finalize()
     worker.app.conf.store = "memory://"
-    captures = Capture(), Capture(), Capture()
-    topics = worker.accepted_topic, worker.timeline_topic, worker.deadletter_topic
+    topics = (
+        worker.accepted_topic,
+        worker.identity_stream,
+        worker.customer_stream,
+        worker.timeline_topic,
+        worker.deadletter_topic,
+        worker.identity_out,
+        worker.profiles_topic,
+    )
+    captures = [Capture() for _ in topics]
     for topic, capture in zip(topics, captures, strict=True):
         monkeypatch.setattr(topic, "send", capture.send)
     return Harness(worker, registry, *captures, fatal)
@@ -211,14 +242,36 @@ async def feed(
     await put_message(agent, build_message(agent, topic, key, value, partition, offset))
 
 
-def accepted_partition(key: bytes) -> int:
+def key_partition(key: bytes) -> int:
     """A stable key -> partition map (any will do: equal keys must meet in one partition)."""
     return zlib.crc32(key) % PARTITIONS
 
 
 async def feed_accepted(agent: Any, sent: Sent, offset: int) -> None:
     assert sent.key is not None
-    await feed(agent, ACCEPTED, sent.key, sent.value, accepted_partition(sent.key), offset)
+    await feed(agent, ACCEPTED, sent.key, sent.value, key_partition(sent.key), offset)
+
+
+async def feed_identity(agent: Any, key: bytes | None, value: bytes | None, offset: int) -> None:
+    """The identity stream has one partition: every event and forget request meets there."""
+    await feed(agent, IDENTITY_STREAM, key, value, 0, offset)
+
+
+async def feed_customer(agent: Any, key: str, command: dict[str, Any], offset: int) -> None:
+    raw_key = key.encode()
+    await feed(
+        agent, CUSTOMER_STREAM, raw_key, orjson.dumps(command), key_partition(raw_key), offset
+    )
+
+
+def commands(capture: Capture) -> list[tuple[str, dict[str, Any]]]:
+    """Customer-stream sends -> (customer key, command)."""
+    out = []
+    for sent in capture.sent:
+        assert sent.key is not None
+        assert sent.value is not None
+        out.append((sent.key.decode(), orjson.loads(sent.value)))
+    return out
 
 
 # --- raw input ---------------------------------------------------------------------------
@@ -269,16 +322,27 @@ def touchpoint_of(sent: Sent) -> Touchpoint:
     return Touchpoint.model_validate_json(sent.value)
 
 
-def normalized(
-    event_id: str, at: datetime, offset: int, topic: str = "cx.raw.web", partition: int = 0
-) -> bytes:
-    """An internal accepted-topic value, as the ingest agent would have produced it."""
-    touchpoint = Touchpoint(
+def ident(kind: str, value: str) -> Identifier:
+    return Identifier.model_validate({"kind": kind, "value": value})
+
+
+CUSTOMER_42 = (ident("customer_id", "C000042"),)
+
+
+def touchpoint(
+    event_id: str,
+    at: datetime,
+    offset: int,
+    customer_key: str = "C000042",
+    topic: str = "cx.raw.web",
+    partition: int = 0,
+) -> Touchpoint:
+    return Touchpoint(
         event_id=event_id,
-        channel="web",
+        channel=event_id.partition(":")[0],
         kind="page_view",
         occurred_at=at,
-        customer_key="C000042",
+        customer_key=customer_key,
         thread_id=None,
         ratings=Ratings(nps=None, csat=None, ces=None),
         text=None,
@@ -287,8 +351,20 @@ def normalized(
         currency=None,
         source=Source(topic=topic, partition=partition, offset=offset),
     )
-    identifiers = (Identifier(kind="customer_id", value="C000042"),)
-    return Normalized(touchpoint=touchpoint, identifiers=identifiers).model_dump_json().encode()
+
+
+def normalized(
+    event_id: str,
+    at: datetime,
+    offset: int,
+    topic: str = "cx.raw.web",
+    partition: int = 0,
+    identifiers: tuple[Identifier, ...] = CUSTOMER_42,
+) -> bytes:
+    """An internal accepted-topic value, as the ingest agent would have produced it."""
+    key = provisional_key(identifiers) or "anon-solo"
+    event = touchpoint(event_id, at, offset, key, topic, partition)
+    return Normalized(touchpoint=event, identifiers=identifiers).model_dump_json().encode()
 
 
 # --- ingest ------------------------------------------------------------------------------
@@ -301,7 +377,7 @@ async def test_ingest_valid_message_goes_to_accepted_topic(harness: Harness, cha
         await feed(agent, topic, b"some-key", raw_event(channel, "src-1"), partition=3, offset=17)
 
     assert harness.deadletter.sent == []
-    assert harness.timeline.sent == []
+    assert harness.identity.sent == []
     [sent] = harness.accepted.sent
     assert sent.key == f"{channel}:src-1".encode()
     assert sent.value is not None
@@ -390,58 +466,47 @@ async def test_ingest_processing_error_is_dead_lettered_and_agent_continues(
 # --- accept ------------------------------------------------------------------------------
 
 
+def event_ids(capture: Capture) -> list[str]:
+    """Identity-stream sends -> their event ids."""
+    return [
+        Normalized.model_validate_json(sent.value or b"").touchpoint.event_id
+        for sent in capture.sent
+    ]
+
+
 async def test_accept_new_duplicate_and_replay(harness: Harness) -> None:
     at = NOW - timedelta(hours=1)
     original = normalized("web:e-1", at, offset=5)
     async with harness.worker.agents["accept"].test_context() as agent:
         await feed(agent, ACCEPTED, b"web:e-1", original, partition=2, offset=0)
-        [first] = harness.timeline.sent
-        assert first.key == b"C000042"
-        assert touchpoint_of(first).event_id == "web:e-1"
+        [first] = harness.identity.sent
+        assert (first.key, first.value) == (b"web:e-1", original)  # forwarded unchanged
         assert harness.count("cxpulse_events_accepted_total", channel="web") == 1
 
         resent = normalized("web:e-1", at, offset=6)  # same id, another source offset
         await feed(agent, ACCEPTED, b"web:e-1", resent, partition=2, offset=1)
-        assert len(harness.timeline.sent) == 1
+        assert len(harness.identity.sent) == 1
         assert harness.count("cxpulse_events_duplicate_total", channel="web") == 1
 
         await feed(agent, ACCEPTED, b"web:e-1", original, partition=2, offset=2)  # a replay
-        assert len(harness.timeline.sent) == 2
-        assert harness.timeline.sent[1] == first
+        assert len(harness.identity.sent) == 2
+        assert harness.identity.sent[1] == first
         assert harness.count("cxpulse_events_replayed_total", channel="web") == 1
         assert harness.count("cxpulse_events_duplicate_total", channel="web") == 1
         assert harness.count("cxpulse_events_accepted_total", channel="web") == 1
-
-
-class FixedResolver:
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def resolve(self, identifiers: Any) -> str:
-        return self.key
-
-
-class FailingResolver:
-    def resolve(self, identifiers: Any) -> str:
-        raise RuntimeError("identity store unavailable")
-
-
-async def test_accept_rekeys_to_the_resolved_customer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    harness = make_harness(tmp_path, monkeypatch, FixedResolver("C-surviving"))
-    async with harness.worker.agents["accept"].test_context() as agent:
-        await feed(agent, ACCEPTED, b"web:e-1", normalized("web:e-1", NOW, 0), 0, 0)
-    [sent] = harness.timeline.sent
-    assert sent.key == b"C-surviving"
-    assert touchpoint_of(sent).customer_key == "C-surviving"
+    assert harness.timeline.sent == []  # the accept stage files nothing on customers itself
+    assert harness.customers.sent == []
 
 
 async def test_accept_failure_is_fatal_and_never_acks_the_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An unexpected error stops the worker (on_fatal) before the message can be acked."""
-    harness = make_harness(tmp_path, monkeypatch, FailingResolver())
+
+    def failing_classify(*_: Any) -> str:
+        raise RuntimeError("dedup store unavailable")
+
+    monkeypatch.setattr(service.worker, "classify", failing_classify)
     async with harness.worker.agents["accept"].test_context() as agent:
         value = normalized("web:e-1", NOW, 0)
         message = build_message(agent, ACCEPTED, b"web:e-1", value, 0, 0)
@@ -454,9 +519,9 @@ async def test_accept_failure_is_fatal_and_never_acks_the_message(
         [(stage, exc)] = harness.fatal
         assert stage == "accept"
         assert isinstance(exc, RuntimeError)
-        assert "identity store unavailable" in str(exc)
+        assert "dedup store unavailable" in str(exc)
         assert not message.acked, "acked, so at-least-once would commit past an unhandled event"
-    assert harness.timeline.sent == []
+    assert harness.identity.sent == []
 
 
 @pytest.mark.parametrize(
@@ -471,17 +536,356 @@ async def test_accept_dedup_horizon(harness: Harness, gap: timedelta, evicted: b
         again = normalized("web:old", start, 2)  # same id, new source offset
         await feed(agent, ACCEPTED, b"web:old", again, 1, 2)
 
-    timeline_ids = [touchpoint_of(sent).event_id for sent in harness.timeline.sent]
+    forwarded = event_ids(harness.identity)
     horizon_evictions = harness.count("cxpulse_dedup_evictions_total", reason="horizon")
     if evicted:
-        assert timeline_ids == ["web:old", "web:later", "web:old"]
+        assert forwarded == ["web:old", "web:later", "web:old"]
         assert horizon_evictions == 1
         assert harness.count("cxpulse_events_duplicate_total", channel="web") == 0
         assert harness.count("cxpulse_events_accepted_total", channel="web") == 3
     else:
-        assert timeline_ids == ["web:old", "web:later"]
+        assert forwarded == ["web:old", "web:later"]
         assert horizon_evictions == 0
         assert harness.count("cxpulse_events_duplicate_total", channel="web") == 1
+
+
+# --- identity ----------------------------------------------------------------------------
+# Identifier values here are short opaque strings (real ones are keyed hashes), so the key of
+# an anonymous customer is "anon-" + the smallest value among its identifiers.
+
+
+def linking(event_id: str, at: datetime, offset: int, *identifiers: Identifier) -> bytes:
+    return normalized(event_id, at, offset, identifiers=identifiers)
+
+
+def announcements(harness: Harness) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ((sent.key or b"").decode(), orjson.loads(sent.value or b""))
+        for sent in harness.announced.sent
+    ]
+
+
+def event_command(sent: tuple[str, dict[str, Any]]) -> tuple[str, Touchpoint]:
+    key, command = sent
+    assert command["t"] == "event"
+    assert set(command) == {"t", "tp"}
+    return key, Touchpoint.model_validate_json(orjson.dumps(command["tp"]))
+
+
+async def test_identity_files_event_under_its_resolved_key(harness: Harness) -> None:
+    both = (ident("email", "e-2"), ident("anonymous_id", "a-5"))
+    async with harness.worker.agents["identity"].test_context() as agent:
+        await feed_identity(agent, b"web:1", linking("web:1", NOW, 0, *both), 0)
+        # Seen alone this e-mail would be "anon-e-2"; the graph knows it belongs to a-5.
+        email_only = linking("chat:2", NOW, 1, ident("email", "e-2"))
+        assert Normalized.model_validate_json(email_only).touchpoint.customer_key == "anon-e-2"
+        await feed_identity(agent, b"chat:2", email_only, 1)
+
+    sends = commands(harness.customers)
+    assert len(sends) == 2
+    key, first = event_command(sends[0])
+    assert key == first.customer_key == "anon-a-5"
+    assert (first.event_id, first.channel) == ("web:1", "web")
+    key, second = event_command(sends[1])
+    assert key == second.customer_key == "anon-a-5"
+    assert second.event_id == "chat:2"
+    assert harness.announced.sent == []
+    assert harness.graph.component("anon-a-5") == {
+        "members": ["i|anonymous_id|a-5", "i|email|e-2"],
+        "cid": None,
+        "aliases": [],
+    }
+    assert harness.total("cxpulse_identity_merges_total") == 0
+
+
+async def setup_link(agent: Any) -> bytes:
+    """Two anonymous customers (anon-b-1, anon-c-1), then an event showing both identifiers.
+    -> the linking event's value."""
+    await feed_identity(agent, b"web:1", linking("web:1", NOW, 0, ident("anonymous_id", "b-1")), 0)
+    await feed_identity(agent, b"chat:2", linking("chat:2", NOW, 1, ident("visitor_id", "c-1")), 1)
+    at = NOW + timedelta(seconds=1)
+    link = linking("chat:3", at, 2, ident("visitor_id", "c-1"), ident("anonymous_id", "b-1"))
+    await feed_identity(agent, b"chat:3", link, 2)
+    return link
+
+
+async def test_identity_link_merges_two_anonymous_customers(harness: Harness) -> None:
+    async with harness.worker.agents["identity"].test_context() as agent:
+        await setup_link(agent)
+        later = linking("chat:4", NOW, 3, ident("visitor_id", "c-1"))
+        await feed_identity(agent, b"chat:4", later, 3)
+
+    sends = commands(harness.customers)
+    assert [key for key, _ in sends] == ["anon-b-1", "anon-c-1", "anon-c-1", "anon-b-1", "anon-b-1"]
+    assert sends[2] == ("anon-c-1", {"t": "merge", "into": "anon-b-1"})
+    key, linked = event_command(sends[3])
+    assert (key, linked.event_id, linked.customer_key) == ("anon-b-1", "chat:3", "anon-b-1")
+    key, after = event_command(sends[4])  # later events use the surviving key
+    assert (key, after.event_id, after.customer_key) == ("anon-b-1", "chat:4", "anon-b-1")
+    merged_at = format_utc_millis(NOW + timedelta(seconds=1))
+    assert announcements(harness) == [
+        ("anon-c-1", {"alias": "anon-c-1", "customer_key": "anon-b-1", "merged_at": merged_at})
+    ]
+    assert harness.total("cxpulse_identity_merges_total") == 1
+    assert harness.graph.surviving("anon-c-1") == "anon-b-1"
+    assert harness.graph.component("anon-c-1") is None
+
+
+async def test_identity_sign_in_rekeys_anonymous_customer(harness: Harness) -> None:
+    async with harness.worker.agents["identity"].test_context() as agent:
+        anonymous = linking("web:1", NOW, 0, ident("anonymous_id", "a-9"))
+        await feed_identity(agent, b"web:1", anonymous, 0)
+        sign_in = linking(
+            "web:2", NOW, 1, ident("anonymous_id", "a-9"), ident("customer_id", "C000007")
+        )
+        await feed_identity(agent, b"web:2", sign_in, 1)
+
+    sends = commands(harness.customers)
+    assert sends[0][0] == "anon-a-9"
+    assert sends[1] == ("anon-a-9", {"t": "merge", "into": "C000007"})
+    key, signed_in = event_command(sends[2])
+    assert (key, signed_in.customer_key) == ("C000007", "C000007")
+    assert len(sends) == 3
+    [(alias, announcement)] = announcements(harness)
+    assert (alias, announcement["customer_key"]) == ("anon-a-9", "C000007")
+    assert harness.graph.surviving("anon-a-9") == "C000007"
+    assert harness.graph.component("C000007") == {
+        "members": ["i|anonymous_id|a-9", "i|customer_id|C000007"],
+        "cid": "C000007",
+        "aliases": ["anon-a-9"],
+    }
+
+
+async def test_identity_replay_of_linking_event_resends_its_merge(harness: Harness) -> None:
+    async with harness.worker.agents["identity"].test_context() as agent:
+        link = await setup_link(agent)
+        before = len(harness.customers.sent)
+        await feed_identity(agent, b"chat:3", link, 3)  # the same event, read again
+        replayed = commands(harness.customers)[before:]
+        first = linking("web:1", NOW, 0, ident("anonymous_id", "b-1"))
+        await feed_identity(agent, b"web:1", first, 4)  # a replay that linked nothing
+        plain = commands(harness.customers)[before + len(replayed) :]
+
+    assert replayed[0] == ("anon-c-1", {"t": "merge", "into": "anon-b-1"})
+    assert [event_command(sent)[1].event_id for sent in replayed[1:]] == ["chat:3"]
+    assert len(announcements(harness)) == 2
+    assert announcements(harness)[0] == announcements(harness)[1]
+    assert [(key, command["t"]) for key, command in plain] == [("anon-b-1", "event")]
+
+
+async def test_identity_replayed_merge_is_not_counted_twice(harness: Harness) -> None:
+    async with harness.worker.agents["identity"].test_context() as agent:
+        link = await setup_link(agent)
+        await feed_identity(agent, b"chat:3", link, 3)
+    assert len(announcements(harness)) == 2  # re-sent, as it should be
+    assert harness.total("cxpulse_identity_merges_total") == 1, "one merge, counted twice"
+
+
+async def test_identity_never_merges_two_customer_ids(harness: Harness) -> None:
+    async with harness.worker.agents["identity"].test_context() as agent:
+        first = linking("web:1", NOW, 0, ident("customer_id", "C000001"), ident("email", "e-1"))
+        await feed_identity(agent, b"web:1", first, 0)
+        other = linking("web:2", NOW, 1, ident("customer_id", "C000002"), ident("email", "e-1"))
+        await feed_identity(agent, b"web:2", other, 1)
+
+    sends = commands(harness.customers)
+    assert [(key, command["t"]) for key, command in sends] == [
+        ("C000001", "event"),
+        ("C000002", "event"),
+    ]
+    assert event_command(sends[1])[1].customer_key == "C000002"
+    assert harness.announced.sent == []
+    assert harness.total("cxpulse_identity_merges_refused_total") == 1
+    assert harness.total("cxpulse_identity_merges_total") == 0
+    graph = harness.graph
+    assert graph.store.get("i|email|e-1") == "C000001"  # the shared e-mail stays where it was
+    assert graph.surviving("C000001") == "C000001"
+    assert graph.surviving("C000002") == "C000002"
+
+
+@pytest.mark.parametrize("requested", ["anon-b-1", "anon-c-1"])
+async def test_identity_forget_removes_customer_and_aliases(
+    harness: Harness, requested: str
+) -> None:
+    async with harness.worker.agents["identity"].test_context() as agent:
+        await setup_link(agent)
+        other = linking("web:9", NOW, 3, ident("anonymous_id", "z-1"))
+        await feed_identity(agent, b"web:9", other, 3)
+        before = len(harness.customers.sent)
+        await feed_identity(agent, FORGET_KEY, forget_command(requested), 4)
+        forgets = commands(harness.customers)[before:]
+        await feed_identity(agent, FORGET_KEY, forget_command("anon-unknown"), 5)
+        unknown = commands(harness.customers)[before + len(forgets) :]
+
+    assert forgets == [("anon-b-1", {"t": "forget"}), ("anon-c-1", {"t": "forget"})]
+    assert unknown == [("anon-unknown", {"t": "forget"})]
+    assert harness.count("cxpulse_customers_forgotten_total") == 2
+    graph = harness.graph
+    assert sorted(graph.store) == ["c|anon-z-1", "i|anonymous_id|z-1"]  # only the other one
+    assert graph.surviving("anon-b-1") is None
+    assert graph.surviving("anon-c-1") is None
+
+
+async def test_identity_failure_is_fatal_and_never_acks_the_message(harness: Harness) -> None:
+    async with harness.worker.agents["identity"].test_context() as agent:
+        message = build_message(agent, IDENTITY_STREAM, b"web:1", b"{not json", 0, 0)
+        channel = agent.stream().channel
+        await channel.put(await channel.decode(message))
+        for _ in range(1000):
+            if harness.fatal:
+                break
+            await asyncio.sleep(0)
+        [(stage, _)] = harness.fatal
+        assert stage == "identity"
+        assert not message.acked
+    assert harness.customers.sent == []
+
+
+# --- customers ---------------------------------------------------------------------------
+
+
+def tp_json(event_id: str, at: datetime, key: str, offset: int = 0) -> dict[str, Any]:
+    return touchpoint(event_id, at, offset, key).model_dump(mode="json")
+
+
+def profile_sends(harness: Harness, key: str) -> list[Profile | None]:
+    return [
+        None if sent.value is None else Profile.model_validate_json(sent.value)
+        for sent in harness.profiles.sent
+        if sent.key == key.encode()
+    ]
+
+
+async def test_customers_event_record_timeline_and_profile(harness: Harness) -> None:
+    key = "anon-a-1"
+    tp = tp_json("web:1", NOW, "anon-provisional")
+    async with harness.worker.agents["customers"].test_context() as agent:
+        await feed_customer(agent, key, {"t": "event", "tp": tp}, 0)
+        stored = harness.record(key)
+        assert stored is not None
+        assert [entry["event_id"] for entry in stored["timeline"]] == ["web:1"]
+        assert (stored["aliases"], stored["absorbed"]) == (0, [])
+        assert stored["profile"]["counts"] == {"web": 1}
+
+        [sent] = harness.timeline.sent
+        assert sent.key == key.encode()
+        filed = touchpoint_of(sent)
+        assert filed.customer_key == key
+        assert filed == touchpoint("web:1", NOW, 0, customer_key=key)
+        [view] = profile_sends(harness, key)
+        assert view is not None
+        assert (view.customer_key, view.aliases) == (key, 0)
+        assert view.event_counts == {"web": 1, "chat": 0, "support": 0, "store": 0}
+        assert view.first_seen == view.last_seen == NOW
+
+        await feed_customer(agent, key, {"t": "event", "tp": tp}, 1)  # a replay
+    assert len(harness.timeline.sent) == 2
+    assert harness.timeline.sent[1] == sent
+    assert len(harness.profiles.sent) == 1  # nothing counted twice: no new profile
+    assert harness.record(key) == stored
+    assert harness.customers.sent == []
+
+
+ALIAS, SURVIVOR = "anon-c-1", "anon-b-1"
+EARLIER = NOW - timedelta(hours=2)
+
+
+async def merge_setup(agent: Any, harness: Harness) -> dict[str, Any]:
+    """ALIAS and SURVIVOR each with one event, then ALIAS merged into SURVIVOR.
+    -> the absorb command the merge sent (not yet delivered)."""
+    await feed_customer(agent, ALIAS, {"t": "event", "tp": tp_json("chat:1", EARLIER, ALIAS)}, 0)
+    await feed_customer(agent, SURVIVOR, {"t": "event", "tp": tp_json("web:2", NOW, SURVIVOR)}, 1)
+    alias_record = harness.record(ALIAS)
+    await feed_customer(agent, ALIAS, {"t": "merge", "into": SURVIVOR}, 2)
+    [(key, command)] = commands(harness.customers)
+    assert key == SURVIVOR
+    assert command == {"t": "absorb", "from": ALIAS, "record": alias_record}
+    return command
+
+
+async def test_customers_merge_then_absorb(harness: Harness) -> None:
+    async with harness.worker.agents["customers"].test_context() as agent:
+        absorb = await merge_setup(agent, harness)
+        assert [entry["event_id"] for entry in absorb["record"]["timeline"]] == ["chat:1"]
+        assert harness.record(ALIAS) == {"alias_of": SURVIVOR}
+        assert harness.profiles.sent[-1] == Sent(ALIAS.encode(), None, [])  # tombstone
+
+        await feed_customer(agent, SURVIVOR, absorb, 3)
+        merged = harness.record(SURVIVOR)
+        assert merged is not None
+        assert [entry["event_id"] for entry in merged["timeline"]] == ["web:2", "chat:1"]
+        assert merged["profile"]["counts"] == {"web": 1, "chat": 1}
+        assert (merged["aliases"], merged["absorbed"]) == (1, [ALIAS])
+        view = profile_sends(harness, SURVIVOR)[-1]
+        assert view is not None
+        assert view.aliases == 1
+        assert view.event_counts == {"web": 1, "chat": 1, "support": 0, "store": 0}
+        assert (view.first_seen, view.last_seen) == (EARLIER, NOW)
+
+        await feed_customer(agent, SURVIVOR, absorb, 4)  # a replayed absorb changes nothing
+        assert harness.record(SURVIVOR) == merged
+        await feed_customer(agent, ALIAS, {"t": "merge", "into": SURVIVOR}, 5)  # replayed merge
+        assert len(harness.customers.sent) == 1  # an alias has nothing left to hand over
+        assert harness.record(ALIAS) == {"alias_of": SURVIVOR}
+    assert len(harness.timeline.sent) == 2  # a merge files nothing anew on the timeline
+
+
+@pytest.mark.parametrize("kind", ["event", "absorb"])
+async def test_customers_command_for_an_alias_goes_to_the_survivor(
+    harness: Harness, kind: str
+) -> None:
+    async with harness.worker.agents["customers"].test_context() as agent:
+        await merge_setup(agent, harness)
+        profiles_before = len(harness.profiles.sent)
+        late: dict[str, Any]
+        if kind == "event":
+            late = {"t": "event", "tp": tp_json("web:3", NOW, ALIAS)}
+        else:  # a third customer's record, handed over to ALIAS before ALIAS merged away
+            other = {"timeline": [], "profile": {}, "absorbed": [], "aliases": 0}
+            late = {"t": "absorb", "from": "anon-x-1", "record": other}
+        await feed_customer(agent, ALIAS, late, 3)
+
+    assert commands(harness.customers)[1:] == [(SURVIVOR, late)]
+    assert harness.record(ALIAS) == {"alias_of": SURVIVOR}
+    assert len(harness.timeline.sent) == 2  # only the two events before the merge
+    assert len(harness.profiles.sent) == profiles_before
+
+
+async def test_customers_forget(harness: Harness) -> None:
+    async with harness.worker.agents["customers"].test_context() as agent:
+        await merge_setup(agent, harness)
+        await feed_customer(agent, SURVIVOR, {"t": "forget"}, 3)
+        await feed_customer(agent, ALIAS, {"t": "forget"}, 4)
+        await feed_customer(agent, "anon-never-seen", {"t": "forget"}, 5)
+
+    assert harness.records() == {}
+    assert harness.profiles.sent[-3:] == [
+        Sent(SURVIVOR.encode(), None, []),
+        Sent(ALIAS.encode(), None, []),
+        Sent(b"anon-never-seen", None, []),
+    ]
+
+
+async def test_customers_forget_is_not_undone_by_an_absorb_in_flight(harness: Harness) -> None:
+    """The identity stage sent merge(ALIAS -> SURVIVOR) and, later, forget for both keys. The
+    two keys are on different partitions, so SURVIVOR's partition may carry out its forget
+    before ALIAS's partition reaches the merge; the absorb that merge hands over then arrives
+    at a customer who no longer exists."""
+    async with harness.worker.agents["customers"].test_context() as agent:
+        await feed_customer(agent, ALIAS, {"t": "event", "tp": tp_json("chat:1", NOW, ALIAS)}, 0)
+        await feed_customer(agent, SURVIVOR, {"t": "event", "tp": tp_json("web:2", NOW, "x")}, 1)
+        await feed_customer(agent, SURVIVOR, {"t": "forget"}, 2)  # SURVIVOR's partition ahead
+        await feed_customer(agent, ALIAS, {"t": "merge", "into": SURVIVOR}, 3)
+        await feed_customer(agent, ALIAS, {"t": "forget"}, 4)
+        # The absorb, then the forget ALIAS's partition passes on after it, in that order.
+        handed_over = commands(harness.customers)
+        assert [command["t"] for _, command in handed_over] == ["absorb", "forget"]
+        for offset, (key, command) in enumerate(handed_over, start=5):
+            assert key == SURVIVOR
+            await feed_customer(agent, key, command, offset)
+
+    assert harness.records() == {}, "forgotten personal data is back"
+    assert harness.profiles.sent[-1].value is None, "a profile published after its tombstone"
 
 
 # --- the whole chain ---------------------------------------------------------------------
@@ -497,13 +901,8 @@ def raw_coordinates(messages: list[Any]) -> Iterator[tuple[str, int, int]]:
         next_offset[topic, partition] += 1
 
 
-async def test_full_chain_accounts_for_every_message(harness: Harness) -> None:
-    messages = list(generate(300, seed=3, now=NOW, dup_share=0.05, bad_share=0.05))
-    kinds = Counter(message.kind for message in messages)
-    assert kinds["duplicate"] > 0  # the sample exercises every path
-    assert kinds["bad"] > 0
+async def ingest_and_accept(harness: Harness, messages: list[SimMessage]) -> None:
     coordinates = list(raw_coordinates(messages))
-
     async with harness.worker.agents["ingest"].test_context() as ingest:
         for message, (topic, partition, offset) in zip(messages, coordinates, strict=True):
             await feed(ingest, topic, message.key, message.value, partition, offset)
@@ -511,6 +910,11 @@ async def test_full_chain_accounts_for_every_message(harness: Harness) -> None:
         for offset, sent in enumerate(harness.accepted.sent):
             await feed_accepted(accept, sent, offset)
 
+
+def assert_accounting(harness: Harness, messages: list[SimMessage]) -> None:
+    kinds = Counter(message.kind for message in messages)
+    assert kinds["duplicate"] > 0  # the sample exercises every path
+    assert kinds["bad"] > 0
     consumed = harness.total("cxpulse_messages_consumed_total")
     accepted = harness.total("cxpulse_events_accepted_total")
     duplicates = harness.total("cxpulse_events_duplicate_total")
@@ -519,10 +923,16 @@ async def test_full_chain_accounts_for_every_message(harness: Harness) -> None:
     assert consumed == accepted + duplicates + deadletters
     assert (accepted, duplicates, deadletters) == (kinds["valid"], kinds["duplicate"], kinds["bad"])
 
-    valid_ids = [message.event_id for message in messages if message.kind == "valid"]
-    timeline_ids = [touchpoint_of(sent).event_id for sent in harness.timeline.sent]
-    assert sorted(timeline_ids) == sorted(valid_ids)  # each exactly once
 
+async def test_ingest_and_accept_account_for_every_message(harness: Harness) -> None:
+    messages = list(generate(300, seed=3, now=NOW, dup_share=0.05, bad_share=0.05))
+    await ingest_and_accept(harness, messages)
+    assert_accounting(harness, messages)
+
+    valid_ids = [message.event_id for message in messages if message.kind == "valid"]
+    assert sorted(event_ids(harness.identity)) == sorted(valid_ids)  # each exactly once
+
+    coordinates = list(raw_coordinates(messages))
     expected_reasons = {
         coordinate: message.reason
         for message, coordinate in zip(messages, coordinates, strict=True)
@@ -538,3 +948,143 @@ async def test_full_chain_accounts_for_every_message(harness: Harness) -> None:
         )
         got_reasons[coordinate] = headers[HEADER_REASON]
     assert got_reasons == expected_reasons
+
+
+def raw_identifiers(channel: str, payload: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Contract section 5, read straight from the upstream JSON."""
+    if channel == "web":
+        pairs = [("user_id", "customer_id"), ("email", "email"), ("anonymous_id", "anonymous_id")]
+        return [(kind, payload.get(name)) for name, kind in pairs]
+    if channel == "chat":
+        customer = payload["customer"]
+        return [(kind, customer.get(kind)) for kind in ("customer_id", "email", "visitor_id")]
+    if channel == "support":
+        requester = payload["requester"]
+        return [(kind, requester.get(kind)) for kind in ("customer_id", "email")]
+    return [
+        ("customer_id", payload.get("customer_id")),
+        ("loyalty_card", payload.get("loyalty_card")),
+    ]
+
+
+def expected_customers(messages: list[SimMessage]) -> list[tuple[frozenset[str], set[str]]]:
+    """Valid messages -> for each customer (a connected component of identifier values): its
+    event ids and the customer_ids it shows. Union-find over (kind, normalized value)."""
+    parent: dict[Any, Any] = {}
+
+    def find(node: Any) -> Any:
+        parent.setdefault(node, node)
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for message in messages:
+        if message.kind != "valid":
+            continue
+        event = ("event", message.event_id)
+        find(event)
+        for kind, value in raw_identifiers(message.channel, orjson.loads(message.value)):
+            if value is None:
+                continue
+            if kind == "email":
+                value = value.strip().lower()
+            if is_placeholder(kind, value):  # the service's list of "nobody" values
+                continue
+            parent[find(event)] = find((kind, value))
+    events: dict[Any, set[str]] = {}
+    customer_ids: dict[Any, set[str]] = {}
+    for node in list(parent):
+        root = find(node)
+        if node[0] == "event":
+            events.setdefault(root, set()).add(node[1])
+        elif node[0] == "customer_id":
+            customer_ids.setdefault(root, set()).add(node[1])
+    return [(frozenset(ids), customer_ids.get(root, set())) for root, ids in events.items()]
+
+
+@pytest.mark.parametrize("schedule", ["round_robin", "drain_one_partition_at_a_time"])
+async def test_end_to_end_customers_hold_exactly_their_connected_events(
+    harness: Harness, schedule: str
+) -> None:
+    messages = list(generate(400, customers=20, seed=4, now=NOW, dup_share=0.05, bad_share=0.05))
+    await ingest_and_accept(harness, messages)
+    async with harness.worker.agents["identity"].test_context() as identity:
+        for offset, sent in enumerate(harness.identity.sent):
+            await feed_identity(identity, sent.key, sent.value, offset)
+    async with harness.worker.agents["customers"].test_context() as customers:
+        # Each partition keeps its order; partitions progress independently, either taking
+        # turns (one message each) or one running far ahead of the others. The agent's own
+        # re-sends (absorb, re-routed commands) join the queue of their key's partition.
+        queues: dict[int, deque[Sent]] = {partition: deque() for partition in range(PARTITIONS)}
+        offsets: Counter[int] = Counter()
+        routed = 0
+        while True:
+            for sent in harness.customers.sent[routed:]:
+                assert sent.key is not None
+                queues[key_partition(sent.key)].append(sent)
+            routed = len(harness.customers.sent)
+            busy = [partition for partition, queue in queues.items() if queue]
+            if not busy:
+                break
+            turn = busy if schedule == "round_robin" else busy[-1:]
+            for partition in turn:
+                sent = queues[partition].popleft()
+                offset = offsets[partition]
+                offsets[partition] += 1
+                await feed(customers, CUSTOMER_STREAM, sent.key, sent.value, partition, offset)
+    assert harness.fatal == []
+    assert_accounting(harness, messages)
+
+    valid_ids = [message.event_id for message in messages if message.kind == "valid"]
+    assert sorted(touchpoint_of(sent).event_id for sent in harness.timeline.sent) == sorted(
+        valid_ids
+    )
+    for sent in harness.timeline.sent:
+        assert touchpoint_of(sent).customer_key.encode() == sent.key
+
+    expected = expected_customers(messages)
+    assert [cids for _, cids in expected if len(cids) > 1] == []  # no customer_id conflicts
+    assert harness.total("cxpulse_identity_merges_refused_total") == 0
+    assert harness.total("cxpulse_identity_merges_total") > 0  # the sample exercises merges
+
+    records = harness.records()
+    surviving = {key: record for key, record in records.items() if "alias_of" not in record}
+    aliases = {key: record for key, record in records.items() if "alias_of" in record}
+    got = {
+        frozenset(entry["event_id"] for entry in record["timeline"]): key
+        for key, record in surviving.items()
+    }
+    assert len(got) == len(surviving)
+    assert sorted(map(sorted, got)) == sorted(sorted(ids) for ids, _ in expected)
+    for ids, cids in expected:
+        key = got[ids]
+        if cids:
+            assert key == next(iter(cids))
+        else:
+            assert key.startswith("anon-")
+
+    def survivor(key: str) -> str:
+        while "alias_of" in records[key]:
+            key = records[key]["alias_of"]
+        return key
+
+    for key, record in aliases.items():
+        assert record == {"alias_of": record["alias_of"]}  # no timeline, nothing else
+        assert survivor(key) in surviving
+    alias_counts = Counter(survivor(key) for key in aliases)
+    for key, record in surviving.items():
+        assert record["aliases"] == alias_counts[key]
+    assert {alias for alias, _ in announcements(harness)} == set(aliases)
+
+    latest: dict[bytes, bytes | None] = {}
+    for sent in harness.profiles.sent:  # what the compacted topic keeps
+        assert sent.key is not None
+        latest[sent.key] = sent.value
+    assert {key.decode() for key in latest} == set(records)
+    for key, record in surviving.items():
+        view = Profile.model_validate_json(latest[key.encode()] or b"")
+        assert sum(view.event_counts.values()) == len(record["timeline"])
+        assert view.aliases == record["aliases"]
+    for key in aliases:
+        assert latest[key.encode()] is None

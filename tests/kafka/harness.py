@@ -60,26 +60,34 @@ class Scenario:
 
 
 class WorkerProcess:
-    """`python -m service worker` as a child process with its log in a file."""
+    """`python -m service worker` as a child process with its log in a file. A second worker
+    of the same scenario gets its own `name` (own HTTP port and state directory)."""
 
-    def __init__(self, scenario: Scenario, log_path: Path) -> None:
+    def __init__(self, scenario: Scenario, log_path: Path, name: str = "") -> None:
         self.scenario = scenario
         self.log_path = log_path
+        self.http_port = free_port() if name else scenario.http_port
+        self.data_dir = scenario.data_dir / name if name else scenario.data_dir
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         self._log = self.log_path.open("ab")
+        env = self.scenario.env(
+            CX_HTTP_PORT=str(self.http_port),
+            CX_HTTP_ADVERTISED_URL=f"http://127.0.0.1:{self.http_port}",
+            CX_DATA_DIR=str(self.data_dir),
+        )
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "worker"],
-            env=self.scenario.env(),
+            env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
         return self
 
     def http(self, path: str) -> tuple[int, bytes]:
-        url = f"http://127.0.0.1:{self.scenario.http_port}{path}"
+        url = f"http://127.0.0.1:{self.http_port}{path}"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return int(response.status), bytes(response.read())

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from service.canonical import Normalized, Ratings, Source, Touchpoint
-from service.identity import ProvisionalResolver, identifiers_of, provisional_key
+from service.identity import IdentityGraph, identifiers_of, provisional_key
 from service.normalize import normalize
 from service.parse import Rejected, parse
 from service.raw import RawEvent
@@ -19,6 +19,7 @@ from tests.unit._golden import (
     LIMITS,
     NOW,
     PII_KEY,
+    SOURCE_ID_FIELD,
     dumps,
     hmac_hex,
     source,
@@ -331,30 +332,45 @@ def test_email_normalized_before_hashing() -> None:
 
 def test_identifier_hash_depends_on_key() -> None:
     event = _event("web")
-    a = identifiers_of(event, PII_KEY)
-    b = identifiers_of(event, b"another-key-0123456789")
+    a, dropped_a = identifiers_of(event, PII_KEY)
+    b, dropped_b = identifiers_of(event, b"another-key-0123456789")
     assert a != b
+    assert dropped_a == dropped_b == 0
+
+
+def test_identifiers_of_matches_normalized() -> None:
+    event = _event("web", user_id="cust-9", email="null")
+    identifiers, dropped = identifiers_of(event, PII_KEY)
+    normalized = normalize(event, source("web"), PII_KEY)
+    assert identifiers == normalized.identifiers
+    assert dropped == normalized.placeholders == 1
+    assert {i.kind for i in identifiers} == {"customer_id", "anonymous_id"}
 
 
 # ------------------------------------------------------------------------ provisional key
+
+
+def _anon(*pairs: tuple[str, str]) -> str:
+    """The anonymous key rule, computed here: 'anon-' + the smallest hash, 32 chars."""
+    return "anon-" + min(hmac_hex(kind, value) for kind, value in pairs)[:32]
 
 
 @pytest.mark.parametrize(
     ("channel", "patch", "key"),
     [
         ("web", {"user_id": "cust-1", "email": "a@b.co"}, "cust-1"),
-        ("web", {"email": "A@B.co"}, "anon-" + hmac_hex("email", "a@b.co")[:32]),
-        ("web", {}, "anon-" + hmac_hex("anonymous_id", "anon-1")[:32]),
-        ("chat", {}, "anon-" + hmac_hex("visitor_id", "vis-1")[:32]),
+        ("web", {"email": "A@B.co"}, _anon(("email", "a@b.co"), ("anonymous_id", "anon-1"))),
+        ("web", {}, _anon(("anonymous_id", "anon-1"))),
+        ("chat", {}, _anon(("visitor_id", "vis-1"))),
         (
             "chat",
             {"customer": {"email": "x@y.io", "visitor_id": "v"}},
-            "anon-" + hmac_hex("email", "x@y.io")[:32],
+            _anon(("email", "x@y.io"), ("visitor_id", "v")),
         ),
         ("chat", {"customer": {"customer_id": "cust-2", "visitor_id": "v"}}, "cust-2"),
-        ("support", {}, "anon-" + hmac_hex("email", "ana@example.com")[:32]),
+        ("support", {}, _anon(("email", "ana@example.com"))),
         ("support", {"requester": {"email": "a@b.co", "customer_id": "cust-3"}}, "cust-3"),
-        ("store", {}, "anon-" + hmac_hex("loyalty_card", "6012345678")[:32]),
+        ("store", {}, _anon(("loyalty_card", "6012345678"))),
         ("store", {"customer_id": "cust-4"}, "cust-4"),
     ],
 )
@@ -362,20 +378,87 @@ def test_provisional_customer_key(channel: str, patch: dict[str, Any], key: str)
     normalized = _norm(channel, **patch)
     assert normalized.touchpoint.customer_key == key
     assert provisional_key(normalized.identifiers) == key
-    assert ProvisionalResolver().resolve(normalized.identifiers) == key
+    assert normalized.placeholders == 0
 
 
 def test_same_person_same_anonymous_key_across_channels() -> None:
-    web = _tp("web", email="Ana@Example.com").customer_key
-    support = _tp("support").customer_key
-    chat = _tp("chat", customer={"email": " ana@example.com"}).customer_key
-    assert web == support == chat
-    assert web.startswith("anon-")
+    support = _norm("support")
+    chat = _norm("chat", customer={"email": " ana@example.com"})
+    assert support.touchpoint.customer_key == chat.touchpoint.customer_key
+    assert support.touchpoint.customer_key == _anon(("email", "ana@example.com"))
+    # Linked through the identity graph, the web visit that shows the e-mail joins them.
+    web = _norm("web", email="Ana@Example.com")
+    graph = IdentityGraph({})
+    for n in (support, chat):
+        graph.link(n.identifiers, n.touchpoint.event_id)
+    final = graph.link(web.identifiers, web.touchpoint.event_id).key
+    expected = _anon(("email", "ana@example.com"), ("anonymous_id", "anon-1"))
+    assert final == expected
+    assert graph.surviving(support.touchpoint.customer_key) == expected
 
 
-def test_provisional_key_needs_an_identifier() -> None:
-    with pytest.raises(ValueError, match="identifier"):
-        provisional_key(())
+def test_provisional_key_of_no_identifier_is_none() -> None:
+    assert provisional_key(()) is None
+
+
+# --------------------------------------------------------------------------- placeholders
+
+
+@pytest.mark.parametrize(
+    ("channel", "patch", "kept", "dropped"),
+    [
+        ("web", {"user_id": "null", "email": "test@example.com"}, {"anonymous_id"}, 2),
+        ("web", {"user_id": "Guest", "email": " ana@example.com "}, {"email", "anonymous_id"}, 1),
+        ("web", {"user_id": "0", "email": "noreply@shop.org"}, {"anonymous_id"}, 2),
+        (
+            "chat",
+            {"customer": {"customer_id": "undefined", "visitor_id": "vis-1"}},
+            {"visitor_id"},
+            1,
+        ),
+        (
+            "support",
+            {"requester": {"email": "ana@example.com", "customer_id": "none"}},
+            {"email"},
+            1,
+        ),
+        ("store", {"customer_id": "unknown"}, {"loyalty_card"}, 1),
+        ("store", {"customer_id": "C000123"}, {"customer_id", "loyalty_card"}, 0),
+    ],
+)
+def test_placeholder_identifiers_are_dropped_and_counted(
+    channel: str, patch: dict[str, Any], kept: set[str], dropped: int
+) -> None:
+    normalized = _norm(channel, **patch)
+    assert {i.kind for i in normalized.identifiers} == kept
+    assert normalized.placeholders == dropped
+
+
+def test_placeholder_never_becomes_the_key() -> None:
+    # 'null' as user_id must not become the customer key: the anonymous id gives it.
+    normalized = _norm("web", user_id="null")
+    assert normalized.touchpoint.customer_key == "anon-" + hmac_hex("anonymous_id", "anon-1")[:32]
+
+
+@pytest.mark.parametrize(
+    ("channel", "patch"),
+    [
+        ("web", {"anonymous_id": "undefined"}),
+        ("chat", {"customer": {"visitor_id": "guest", "email": "test@example.com"}}),
+        ("store", {"loyalty_card": "0", "customer_id": None}),
+    ],
+)
+def test_event_with_only_placeholders_gets_a_key_of_its_own(
+    channel: str, patch: dict[str, Any]
+) -> None:
+    normalized = _norm(channel, **patch)
+    assert normalized.identifiers == ()
+    assert normalized.placeholders >= 1
+    event_id = normalized.touchpoint.event_id
+    assert normalized.touchpoint.customer_key == "anon-" + hmac_hex("event", event_id)[:32]
+    # Two such events are not the same customer.
+    other = _norm(channel, **patch, **{SOURCE_ID_FIELD[channel]: "other-id"})
+    assert other.touchpoint.customer_key != normalized.touchpoint.customer_key
 
 
 # ---------------------------------------------------------------------------- no raw PII
