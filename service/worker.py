@@ -69,6 +69,14 @@ def ingest_one(
 
 
 _PARTITIONER = DefaultPartitioner()
+# Faust's RocksDB defaults (64 MiB write buffers x3, a 2 GiB block cache) are per partition
+# database: with ~17 of them a worker could grow to gigabytes. These bound each database to
+# ~16 MiB of memtables and an 8 MiB block cache.
+ROCKSDB_OPTIONS = {
+    "write_buffer_size": 8 << 20,
+    "max_write_buffer_number": 2,
+    "block_cache_size": 8 << 20,
+}
 _FETCH_WAIT_MS: weakref.WeakKeyDictionary[faust.App, int] = weakref.WeakKeyDictionary()
 
 
@@ -278,6 +286,10 @@ def build_worker(
     bounds = Bounds(settings.timeline_max_events, settings.timeline_max_age)
     app = _faust_app(settings)
     json_table: faust.Schema[Any, Any] = faust.Schema(key_serializer="raw", value_serializer="json")
+
+    def table(name: str, partitions: int) -> Any:
+        return app.Table(name, partitions=partitions, schema=json_table, options=ROCKSDB_OPTIONS)
+
     worker = Worker(
         settings=settings,
         app=app,

@@ -1,0 +1,361 @@
+"""Rolling CX metrics: the snapshot model, the formulas, and the reference implementation.
+
+`reference_snapshots` is written for clarity, not speed: a list of accepted touchpoints -> the
+snapshot of every scope and window at the end. A streaming engine must agree with it exactly.
+
+Definitions (contract section 4; `DEFINITIONS_VERSION` rises whenever one changes):
+- watermark: the latest `occurred_at` accepted; `window_end`: the end of the minute holding it;
+  a window of size W covers `window_end - W <= occurred_at < window_end`.
+- scopes: `all` and one per channel; every accepted event counts once.
+- customers: exact count of distinct customer keys (as filed on the timeline).
+- NPS: promoters 9-10, passives 7-8, detractors 0-6; score = 100 (p - d) / n.
+- CSAT: score = 100 x share of 4-5; mean. CES: mean; easy_share = 100 x share of 5-7.
+- margin_of_error: half-width of the 95 % interval in the block's own unit, null under 2
+  responses (NPS: 1.96 x 100 x sqrt((p + d - (p - d)^2) / n) with p, d shares; CSAT:
+  1.96 x 100 x sqrt(s (1 - s) / n); CES: 1.96 x sample stdev / sqrt(n)).
+- late: an event older than `window_end - 30d` when it arrives changes nothing.
+- Tickets and conversations are joined over the events of the longest (30 d) window.
+- support: tickets created, solved and reopened in the window (counts of those events);
+  median_resolution_seconds over the solved events in the window whose ticket's creation is
+  known: solved time - created time; first_contact_resolution: of the tickets with a solve in
+  the window, the percentage solved with at most one agent reply before their first solve and
+  never reopened.
+- chat: conversations started and handoffs in the window; bot_containment: of the
+  conversations closed in the window, the percentage that never had a handoff.
+- store: purchases, returns, revenue = purchase amounts - return amounts (exact decimal).
+- churn: closed_accounts = distinct customers with an account_closed event in the window;
+  detractors = distinct customers with an NPS detractor answer in the window.
+- Floats are rounded to 2 decimals.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import Field
+
+from service.canonical import CHANNELS, Canonical, Touchpoint, UtcMillis
+
+DEFINITIONS_VERSION = 1
+
+Scope = Literal["all", "web", "chat", "support", "store"]
+WindowName = Literal["1h", "24h", "7d", "30d"]
+SCOPES: tuple[Scope, ...] = ("all", *CHANNELS)
+WINDOWS: dict[WindowName, timedelta] = {
+    "1h": timedelta(hours=1),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+}
+LONGEST = max(WINDOWS.values())
+Z95 = 1.96
+
+
+class NpsBlock(Canonical):
+    score: float | None
+    promoters: int
+    passives: int
+    detractors: int
+    responses: int
+    margin_of_error: float | None
+    low_sample: bool
+
+
+class CsatBlock(Canonical):
+    score: float | None
+    mean: float | None
+    responses: int
+    margin_of_error: float | None
+    low_sample: bool
+
+
+class CesBlock(Canonical):
+    mean: float | None
+    easy_share: float | None
+    responses: int
+    margin_of_error: float | None
+    low_sample: bool
+
+
+class SentimentBlock(Canonical):
+    mean: float | None
+    samples: int
+
+
+class SupportBlock(Canonical):
+    tickets_created: int
+    tickets_solved: int
+    reopened: int
+    median_resolution_seconds: float | None
+    first_contact_resolution: float | None
+
+
+class ChatBlock(Canonical):
+    conversations: int
+    handoffs: int
+    bot_containment: float | None
+
+
+class StoreBlock(Canonical):
+    purchases: int
+    returns: int
+    revenue: str = Field(pattern=r"^-?[0-9]{1,30}(\.[0-9]{1,6})?$")
+
+
+class ChurnBlock(Canonical):
+    closed_accounts: int
+    detractors: int
+
+
+class Snapshot(Canonical):
+    """The value of `cx.metrics` (key "{scope}/{window}") and of `GET /v1/metrics`."""
+
+    scope: Scope
+    window: WindowName
+    window_start: UtcMillis
+    window_end: UtcMillis
+    emitted_at: UtcMillis
+    events: int
+    customers: int
+    nps: NpsBlock
+    csat: CsatBlock
+    ces: CesBlock
+    sentiment: SentimentBlock
+    support: SupportBlock
+    chat: ChatBlock
+    store: StoreBlock
+    churn: ChurnBlock
+    definitions_version: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.scope}/{self.window}"
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def nps_block(scores: Sequence[int], min_responses: int) -> NpsBlock:
+    """NPS answers (0..10) -> the NPS block."""
+    n = len(scores)
+    promoters = sum(1 for s in scores if s >= 9)
+    detractors = sum(1 for s in scores if s <= 6)
+    passives = n - promoters - detractors
+    score = moe = None
+    if n:
+        p, d = promoters / n, detractors / n
+        score = 100 * (p - d)
+        if n >= 2:
+            moe = Z95 * 100 * math.sqrt(max(0.0, p + d - (p - d) ** 2) / n)
+    return NpsBlock(
+        score=_r(score),
+        promoters=promoters,
+        passives=passives,
+        detractors=detractors,
+        responses=n,
+        margin_of_error=_r(moe),
+        low_sample=n < min_responses,
+    )
+
+
+def csat_block(scores: Sequence[int], min_responses: int) -> CsatBlock:
+    """CSAT answers (1..5) -> the CSAT block."""
+    n = len(scores)
+    score = mean = moe = None
+    if n:
+        s = sum(1 for x in scores if x >= 4) / n
+        score, mean = 100 * s, sum(scores) / n
+        if n >= 2:
+            moe = Z95 * 100 * math.sqrt(s * (1 - s) / n)
+    return CsatBlock(
+        score=_r(score),
+        mean=_r(mean),
+        responses=n,
+        margin_of_error=_r(moe),
+        low_sample=n < min_responses,
+    )
+
+
+def ces_block(scores: Sequence[int], min_responses: int) -> CesBlock:
+    """CES answers (1..7, 7 = very easy) -> the CES block."""
+    n = len(scores)
+    mean = easy = moe = None
+    if n:
+        mean = sum(scores) / n
+        easy = 100 * sum(1 for x in scores if x >= 5) / n
+        if n >= 2:
+            moe = Z95 * statistics.stdev(scores) / math.sqrt(n)
+    return CesBlock(
+        mean=_r(mean),
+        easy_share=_r(easy),
+        responses=n,
+        margin_of_error=_r(moe),
+        low_sample=n < min_responses,
+    )
+
+
+def window_end_for(watermark: datetime) -> datetime:
+    """Watermark -> the end of the minute that holds it."""
+    return watermark.replace(second=0, microsecond=0) + timedelta(minutes=1)
+
+
+@dataclass
+class _Threads:
+    """What is known of every ticket and conversation, at any time (joins across events)."""
+
+    created: dict[str, datetime] = field(default_factory=dict)
+    agent_replies_before_solve: dict[str, int] = field(default_factory=dict)
+    first_solve: dict[str, datetime] = field(default_factory=dict)
+    reopened: set[str] = field(default_factory=set)
+    handoff: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, events: Iterable[Touchpoint]) -> _Threads:
+        threads = cls()
+        ordered = sorted(events, key=lambda e: (e.occurred_at, e.event_id))
+        for event in ordered:
+            thread = event.thread_id
+            if thread is None:
+                continue
+            if event.kind == "ticket_created":
+                threads.created.setdefault(thread, event.occurred_at)
+            elif event.kind == "agent_reply" and event.channel == "support":
+                if thread not in threads.first_solve:
+                    threads.agent_replies_before_solve[thread] = (
+                        threads.agent_replies_before_solve.get(thread, 0) + 1
+                    )
+            elif event.kind == "ticket_solved":
+                threads.first_solve.setdefault(thread, event.occurred_at)
+            elif event.kind == "ticket_reopened":
+                threads.reopened.add(thread)
+            elif event.kind == "handoff":
+                threads.handoff.add(thread)
+        return threads
+
+
+def _snapshot(
+    scope: Scope,
+    window: WindowName,
+    end: datetime,
+    events: list[Touchpoint],
+    threads: _Threads,
+    min_responses: int,
+    emitted_at: datetime,
+) -> Snapshot:
+    start = end - WINDOWS[window]
+    inside = [e for e in events if start <= e.occurred_at < end]
+    if scope != "all":
+        inside = [e for e in inside if e.channel == scope]
+    kinds: dict[str, list[Touchpoint]] = {}
+    for event in inside:
+        kinds.setdefault(event.kind, []).append(event)
+
+    def count(kind: str) -> int:
+        return len(kinds.get(kind, []))
+
+    solved = kinds.get("ticket_solved", [])
+    durations = [
+        (e.occurred_at - threads.created[e.thread_id]).total_seconds()
+        for e in solved
+        if e.thread_id is not None and e.thread_id in threads.created
+    ]
+    solved_tickets = {e.thread_id for e in solved if e.thread_id is not None}
+    first_contact = [
+        t
+        for t in solved_tickets
+        if threads.agent_replies_before_solve.get(t, 0) <= 1 and t not in threads.reopened
+    ]
+    closed = {e.thread_id for e in kinds.get("conversation_closed", []) if e.thread_id}
+    contained = [c for c in closed if c not in threads.handoff]
+    revenue = sum((Decimal(e.amount or "0") for e in kinds.get("purchase", [])), Decimal(0)) - sum(
+        (Decimal(e.amount or "0") for e in kinds.get("return", [])), Decimal(0)
+    )
+    sentiments = [e.sentiment for e in inside if e.sentiment is not None]
+    nps = [e.ratings.nps for e in inside if e.ratings.nps is not None]
+    csat = [e.ratings.csat for e in inside if e.ratings.csat is not None]
+    ces = [e.ratings.ces for e in inside if e.ratings.ces is not None]
+    store = StoreBlock(purchases=count("purchase"), returns=count("return"), revenue=str(revenue))
+    return Snapshot(
+        scope=scope,
+        window=window,
+        window_start=start,
+        window_end=end,
+        emitted_at=emitted_at,
+        events=len(inside),
+        customers=len({e.customer_key for e in inside}),
+        nps=nps_block(nps, min_responses),
+        csat=csat_block(csat, min_responses),
+        ces=ces_block(ces, min_responses),
+        sentiment=SentimentBlock(
+            mean=_r(sum(sentiments) / len(sentiments)) if sentiments else None,
+            samples=len(sentiments),
+        ),
+        support=SupportBlock(
+            tickets_created=count("ticket_created"),
+            tickets_solved=count("ticket_solved"),
+            reopened=count("ticket_reopened"),
+            median_resolution_seconds=_r(statistics.median(durations)) if durations else None,
+            first_contact_resolution=(
+                _r(100 * len(first_contact) / len(solved_tickets)) if solved_tickets else None
+            ),
+        ),
+        chat=ChatBlock(
+            conversations=count("conversation_started"),
+            handoffs=count("handoff"),
+            bot_containment=_r(100 * len(contained) / len(closed)) if closed else None,
+        ),
+        store=store,
+        churn=ChurnBlock(
+            closed_accounts=len({e.customer_key for e in kinds.get("account_closed", [])}),
+            detractors=len(
+                {e.customer_key for e in inside if e.ratings.nps is not None and e.ratings.nps <= 6}
+            ),
+        ),
+        definitions_version=DEFINITIONS_VERSION,
+    )
+
+
+def on_time(touchpoints: Iterable[Touchpoint]) -> tuple[list[Touchpoint], int]:
+    """Accepted touchpoints in arrival order -> (those that count, how many were late).
+
+    A repeated event id counts once. An event older than the longest window when it arrives
+    (before `window_end - 30d` of the watermark so far) is late and changes nothing."""
+    seen: set[str] = set()
+    kept: list[Touchpoint] = []
+    late = 0
+    watermark: datetime | None = None
+    for touchpoint in touchpoints:
+        if touchpoint.event_id in seen:
+            continue
+        seen.add(touchpoint.event_id)
+        if watermark is not None and touchpoint.occurred_at < window_end_for(watermark) - LONGEST:
+            late += 1
+            continue
+        kept.append(touchpoint)
+        watermark = max(watermark or touchpoint.occurred_at, touchpoint.occurred_at)
+    return kept, late
+
+
+def reference_snapshots(
+    touchpoints: Iterable[Touchpoint], min_responses: int, emitted_at: datetime
+) -> list[Snapshot]:
+    """Accepted touchpoints (in arrival order) -> the snapshot of every scope and window at the
+    final watermark (none for no events). Tickets and conversations are joined over the
+    events of the longest window."""
+    events, _ = on_time(touchpoints)
+    if not events:
+        return []
+    end = window_end_for(max(e.occurred_at for e in events))
+    threads = _Threads.of(e for e in events if end - LONGEST <= e.occurred_at)
+    return [
+        _snapshot(scope, window, end, events, threads, min_responses, emitted_at)
+        for scope in SCOPES
+        for window in WINDOWS
+    ]
