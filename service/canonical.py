@@ -120,6 +120,7 @@ class Normalized(Canonical):
     touchpoint: Touchpoint
     identifiers: tuple[Identifier, ...]
     placeholders: int = Field(default=0, ge=0)  # placeholder identifiers dropped
+    received_at_ms: int = Field(default=0, ge=0)  # wall clock when the raw message was read
 
 
 class IdentityMerge(Canonical):

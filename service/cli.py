@@ -34,6 +34,7 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
 
     from service.http import ShutdownWatchdog
     from service.kafka import ensure_topics
+    from service.logs import logging_config
     from service.worker import build_worker
 
     try:
@@ -51,6 +52,7 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
         # Last, so that it is stopped first and times the whole shutdown.
         ShutdownWatchdog(settings.shutdown_timeout.total_seconds()),
         loglevel=settings.log_level.upper(),
+        logging_config=logging_config(settings.log_level, settings.log_format),
         quiet=True,
     )
     try:
@@ -149,6 +151,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             kafka_session_timeout=timedelta(seconds=6),
             kafka_rebalance_timeout=timedelta(seconds=5),
             recovery_consistency_check=False,
+            log_format=user.log_format if "log_format" in user.model_fields_set else "text",
         )
         traffic = TrafficService(
             settings, rate=args.rate, count=args.count, customers=args.customers, seed=args.seed

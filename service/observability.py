@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from service.canonical import CHANNELS
 from service.parse import REASONS
@@ -85,6 +85,46 @@ class Metrics:
             "Right-to-be-forgotten requests carried out.",
             registry=registry,
         )
+        self.latency = Histogram(
+            "cxpulse_processing_latency_seconds",
+            "From reading a raw message to publishing its timeline record.",
+            ["channel"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=registry,
+        )
+        self.freshness = Gauge(
+            "cxpulse_event_freshness_seconds",
+            "Wall clock minus the newest event time accepted (the watermark), per channel.",
+            ["channel"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "cxpulse_consumer_lag",
+            "Messages not yet processed, per assigned input partition (end offset - position).",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.state_keys = Gauge(
+            "cxpulse_state_keys",
+            "Keys in this worker's local state, per table (dedup, identity, customers).",
+            ["table"],
+            registry=registry,
+        )
+        self.customers = Gauge(
+            "cxpulse_customers",
+            "Customers whose records this worker holds.",
+            registry=registry,
+        )
+        self.timeline_entries = Gauge(
+            "cxpulse_timeline_entries",
+            "Touchpoints held on the timelines of this worker's customers.",
+            registry=registry,
+        )
+        self.broker_up = Gauge(
+            "cxpulse_broker_up",
+            "1 when the Kafka cluster answered the last metadata request, else 0.",
+            registry=registry,
+        )
         self.ready = Gauge(
             "cxpulse_ready",
             "1 when partitions are assigned and state is recovered, else 0.",
@@ -102,3 +142,6 @@ class Metrics:
                 counter.labels(channel=channel)
             for reason in REASONS:
                 self.deadletters.labels(channel=channel, reason=reason)
+            self.latency.labels(channel=channel)
+        for table in ("dedup", "identity", "customers"):
+            self.state_keys.labels(table=table)

@@ -11,7 +11,7 @@ import socket
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     http_port: int = Field(default=6066, ge=1, le=65535)
     data_dir: Path = Path("./data")
     shutdown_timeout: Duration = timedelta(seconds=30)
+    state_scan_interval: Duration = timedelta(seconds=30)
+    log_format: Literal["json", "text"] = "json"
     log_level: str = Field(default="INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
 
     # Ingestion
@@ -147,6 +149,13 @@ class Settings(BaseSettings):
     def _horizon_at_least_a_day(cls, value: timedelta) -> timedelta:
         if value < timedelta(hours=24):
             raise ValueError("must be at least 24h (the contract's minimum horizon)")
+        return value
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
         return value
 
     @field_validator("pii_key")

@@ -175,12 +175,14 @@ class Worker:
     agents: dict[str, faust.types.AgentT[Any]] = field(default_factory=dict)
     indexes: dict[int, dict[str, ExpiryIndex]] = field(default_factory=dict)
     assigned_once: bool = False
+    broker_up: bool = True
     latest_ms: int = 0  # newest event time this worker has filed on a customer
+    watermarks: dict[str, int] = field(default_factory=dict)  # channel -> newest accepted ms
 
     def ready(self) -> bool:
-        """Partitions assigned, not rebalancing, table state recovered."""
+        """Partitions assigned, not rebalancing, table state recovered, broker reachable."""
         recovered = cast(Any, self.app.tables).recovery.completed.is_set()
-        ok = self.assigned_once and not self.app.rebalancing and recovered
+        ok = self.assigned_once and not self.app.rebalancing and recovered and self.broker_up
         self.metrics.ready.set(1 if ok else 0)
         return ok
 
@@ -341,7 +343,8 @@ def build_worker(
         channel = topics.raw_topics[message.topic]
         metrics.consumed.labels(channel=channel).inc()
         source = Source(topic=message.topic, partition=message.partition, offset=message.offset)
-        outcome = ingest_one(channel, message.value, source, limits, pii_key, clock())
+        received = clock()
+        outcome = ingest_one(channel, message.value, source, limits, pii_key, received)
         if isinstance(outcome, Rejected):
             headers = deadletter_headers(
                 outcome, message.topic, message.partition, message.offset, clock()
@@ -349,6 +352,7 @@ def build_worker(
             await publish(worker.deadletter_topic, message.key, message.value, headers)
             metrics.deadletters.labels(channel=channel, reason=outcome.reason).inc()
         else:
+            outcome = outcome.model_copy(update={"received_at_ms": _ms(received)})
             event_id = outcome.touchpoint.event_id.encode()
             await publish(worker.accepted_topic, event_id, outcome.model_dump_json().encode())
 
@@ -372,6 +376,7 @@ def build_worker(
             metrics.duplicates.labels(channel=channel).inc()
             return
         if decision == "new":
+            worker.watermarks[channel] = max(worker.watermarks.get(channel, 0), occurred_ms)
             expires = index.remember(touchpoint.event_id, occurred_ms)
             dedup_table[touchpoint.event_id] = Seen(expires, ref, message.partition).to_json()
             metrics.accepted.labels(channel=channel).inc()
@@ -424,7 +429,8 @@ def build_worker(
             )
         if key != touchpoint.customer_key:
             touchpoint = touchpoint.model_copy(update={"customer_key": key})
-        await to_customer(key, {"t": "event", "tp": touchpoint.model_dump(mode="json")})
+        event = {"t": "event", "tp": touchpoint.model_dump(mode="json")}
+        await to_customer(key, {**event, "rx": normalized.received_at_ms})
 
     async def publish_profile(key: str, record: Record) -> None:
         state = record["profile"]
@@ -453,6 +459,9 @@ def build_worker(
             # Published again on a replay: the first copy may have been lost in a crash.
             value = orjson.dumps({**touchpoint, "customer_key": key})
             await publish(worker.timeline_topic, key.encode(), value)
+            if command.get("rx"):
+                seconds = max(0.0, (_ms(clock()) - int(command["rx"])) / 1000)
+                metrics.latency.labels(channel=touchpoint["channel"]).observe(seconds)
         elif kind == "merge":
             into = str(command["into"])
             if record is not None and "alias_of" not in record:
@@ -492,7 +501,79 @@ def build_worker(
     ]
     for stage, topic, handle in stages:
         worker.agents[stage] = app.agent(topic, name=stage)(agent(stage, handle))
+
+    @app.timer(1.0)  # type: ignore[untyped-decorator]
+    async def freshness() -> None:
+        now_ms = _ms(clock())
+        for channel, watermark in worker.watermarks.items():
+            metrics.freshness.labels(channel=channel).set(max(0.0, (now_ms - watermark) / 1000))
+
+    # Joining the group needs the broker, so until the first probe it counts as reachable.
+    metrics.broker_up.set(1)
+
+    @app.timer(2.0)  # type: ignore[untyped-decorator]
+    async def probe_broker_and_lag() -> None:
+        worker.broker_up = await _broker_answers(app)
+        metrics.broker_up.set(1 if worker.broker_up else 0)
+        for tp, lag in _lags(app).items():
+            metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
+    @app.timer(settings.state_scan_interval.total_seconds())  # type: ignore[untyped-decorator]
+    async def state_sizes() -> None:
+        for name, table in (
+            ("dedup", dedup_table),
+            ("identity", worker.identity_table),
+            ("customers", customers),
+        ):
+            metrics.state_keys.labels(table=name).set(sum(1 for _ in table))
+        held = entries = 0
+        for value in customers.values():
+            if "alias_of" not in value:
+                held += 1
+                entries += len(value["timeline"])
+        metrics.customers.set(held)
+        metrics.timeline_entries.set(entries)
+
     return worker
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+async def _broker_answers(app: faust.App) -> bool:
+    """True when the cluster answers a metadata request within 3 s."""
+    try:
+        client = cast(Any, app.producer)._ensure_producer().client
+        await asyncio.wait_for(client.fetch_all_metadata(), timeout=3.0)
+    except Exception as exc:  # any failure means "not reachable now"; gauge and /readyz say so
+        log.warning("Kafka cluster not reachable: %r", exc)
+        return False
+    return True
+
+
+def _lags(app: faust.App) -> dict[Any, int]:
+    """Assigned partition -> end offset minus the next offset to read (what is left)."""
+    consumer = cast(Any, app.consumer)
+    lags: dict[Any, int] = {}
+    try:
+        assignment = consumer.assignment()
+    except Exception:  # not started yet
+        return lags
+    for tp in assignment:
+        end = _highwater(consumer, tp)
+        if end is not None:
+            read = consumer._read_offset.get(tp)
+            lags[tp] = max(0, end - (int(read) + 1 if read is not None else 0))
+    return lags
+
+
+def _highwater(consumer: Any, tp: Any) -> int | None:
+    try:
+        end = consumer.highwater(tp)
+    except Exception:  # not fetched from yet: unknown
+        return None
+    return None if end is None else int(end)
 
 
 class StrKeys(MutableMapping[str, Any]):

@@ -568,7 +568,8 @@ def announcements(harness: Harness) -> list[tuple[str, dict[str, Any]]]:
 def event_command(sent: tuple[str, dict[str, Any]]) -> tuple[str, Touchpoint]:
     key, command = sent
     assert command["t"] == "event"
-    assert set(command) == {"t", "tp"}
+    assert set(command) == {"t", "tp", "rx"}  # rx: when the raw message was read (latency)
+    assert isinstance(command["rx"], int)
     return key, Touchpoint.model_validate_json(orjson.dumps(command["tp"]))
 
 

@@ -63,8 +63,9 @@ class WorkerProcess:
     """`python -m service worker` as a child process with its log in a file. A second worker
     of the same scenario gets its own `name` (own HTTP port and state directory)."""
 
-    def __init__(self, scenario: Scenario, log_path: Path, name: str = "") -> None:
+    def __init__(self, scenario: Scenario, log_path: Path, name: str = "", **env: str) -> None:
         self.scenario = scenario
+        self.extra_env = env
         self.log_path = log_path
         self.http_port = free_port() if name else scenario.http_port
         self.data_dir = scenario.data_dir / name if name else scenario.data_dir
@@ -77,6 +78,7 @@ class WorkerProcess:
             CX_HTTP_PORT=str(self.http_port),
             CX_HTTP_ADVERTISED_URL=f"http://127.0.0.1:{self.http_port}",
             CX_DATA_DIR=str(self.data_dir),
+            **self.extra_env,
         )
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "worker"],
