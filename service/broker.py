@@ -67,10 +67,14 @@ class EmbeddedBroker:
                 self.process.wait(timeout)
 
 
-def start_broker(port: int | None = None, log_file: Path | None = None) -> EmbeddedBroker:
-    """Start Tansu on 127.0.0.1:`port` (a free one by default) -> the running broker."""
+def start_broker(
+    port: int | None = None, log_file: Path | None = None, advertised_port: int | None = None
+) -> EmbeddedBroker:
+    """Start Tansu on 127.0.0.1:`port` (a free one by default) -> the running broker.
+    `advertised_port` is what clients are told to connect to (a proxy in front, in tests)."""
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
     output: IO[bytes] | int = log_file.open("ab") if log_file is not None else subprocess.DEVNULL
     process = subprocess.Popen(  # noqa: S603 - a fixed binary with fixed arguments
         [
@@ -79,7 +83,7 @@ def start_broker(port: int | None = None, log_file: Path | None = None) -> Embed
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            advertised,
             "--storage-engine",
             "memory://tansu/",
         ],
