@@ -272,9 +272,7 @@ def _snapshot(
         for t in solved_tickets
         if threads.agent_replies_before_solve.get(t, 0) <= 1 and t not in threads.reopened
     ]
-    closed = {
-        e.thread_id for e in kinds.get("conversation_closed", []) if e.thread_id is not None
-    }
+    closed = {e.thread_id for e in kinds.get("conversation_closed", []) if e.thread_id is not None}
     contained = [c for c in closed if c not in threads.handoff]
     revenue = sum((Decimal(e.amount or "0") for e in kinds.get("purchase", [])), Decimal(0)) - sum(
         (Decimal(e.amount or "0") for e in kinds.get("return", [])), Decimal(0)

@@ -125,6 +125,12 @@ class Metrics:
             "1 when the Kafka cluster answered the last metadata request, else 0.",
             registry=registry,
         )
+        self.alerts = Counter(
+            "cxpulse_alerts",
+            "Closed-loop alerts published, by type (detractor, low_csat, high_effort).",
+            ["type"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "cxpulse_ready",
             "1 when partitions are assigned and state is recovered, else 0.",
@@ -143,5 +149,7 @@ class Metrics:
             for reason in REASONS:
                 self.deadletters.labels(channel=channel, reason=reason)
             self.latency.labels(channel=channel)
+        for kind in ("detractor", "low_csat", "high_effort"):
+            self.alerts.labels(type=kind)
         for table in ("dedup", "identity", "customers"):
             self.state_keys.labels(table=table)

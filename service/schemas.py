@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 
+from service.alerts import Alert
 from service.canonical import IdentityMerge, Touchpoint
 from service.deadletter import DeadLetterHeaders
 from service.profile import Profile
@@ -21,6 +22,7 @@ MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "raw.support.json": (SupportEvent, "cx.raw.support value: one help-desk ticket event"),
     "raw.store.json": (StoreEvent, "cx.raw.store value: one point-of-sale or kiosk event"),
     "timeline.json": (Touchpoint, "cx.timeline value: one canonical touchpoint"),
+    "alert.json": (Alert, "cx.alerts value: one closed-loop alert"),
     "identity.json": (IdentityMerge, "cx.identity value: a customer key merged into another"),
     "profile.json": (Profile, "cx.profiles value and GET /v1/customers/{key}: one profile"),
     "deadletter-headers.json": (

@@ -23,6 +23,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import Message
 from prometheus_client import CollectorRegistry
 
+from service.alerts import alerts_for
 from service.canonical import CHANNELS, IdentityMerge, Normalized, Source
 from service.deadletter import deadletter_headers
 from service.dedup import ExpiryIndex, Seen, classify
@@ -169,6 +170,7 @@ class Worker:
     deadletter_topic: faust.TopicT
     identity_out: faust.TopicT
     profiles_topic: faust.TopicT
+    alerts_topic: faust.TopicT
     dedup_table: Any
     identity_table: Any
     customers_table: Any
@@ -306,6 +308,7 @@ def build_worker(
         deadletter_topic=_raw_topic(app, topics.deadletter),
         identity_out=_raw_topic(app, topics.identity),
         profiles_topic=_raw_topic(app, topics.profiles),
+        alerts_topic=_raw_topic(app, topics.alerts),
         dedup_table=app.Table("dedup", partitions=settings.partitions, schema=json_table),
         identity_table=app.Table("identity", partitions=1, schema=json_table),
         customers_table=app.Table("customers", partitions=settings.partitions, schema=json_table),
@@ -456,6 +459,12 @@ def build_worker(
             if is_new:
                 customers[key] = record
                 await publish_profile(key, record)
+                # Only a newly filed event alerts: a replay or a re-routed copy never repeats.
+                for alert in alerts_for(touchpoint, key):
+                    await publish(
+                        worker.alerts_topic, key.encode(), alert.model_dump_json().encode()
+                    )
+                    metrics.alerts.labels(type=alert.type).inc()
             # Published again on a replay: the first copy may have been lost in a crash.
             value = orjson.dumps({**touchpoint, "customer_key": key})
             await publish(worker.timeline_topic, key.encode(), value)

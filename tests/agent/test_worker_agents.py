@@ -111,6 +111,7 @@ class Harness:
     deadletter: Capture
     announced: Capture  # cx.identity
     profiles: Capture
+    alerts: Capture
     fatal: list[tuple[str, BaseException]]
 
     def count(self, name: str, **labels: str) -> float:
@@ -179,6 +180,7 @@ def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
         worker.deadletter_topic,
         worker.identity_out,
         worker.profiles_topic,
+        worker.alerts_topic,
     )
     captures = [Capture() for _ in topics]
     for topic, capture in zip(topics, captures, strict=True):
@@ -755,6 +757,29 @@ def profile_sends(harness: Harness, key: str) -> list[Profile | None]:
         for sent in harness.profiles.sent
         if sent.key == key.encode()
     ]
+
+
+async def test_customers_alert_once_per_poor_answer_never_on_replay(harness: Harness) -> None:
+    key = "C-9"
+    poor = touchpoint("support:s-1", NOW, 0, key).model_copy(
+        update={"ratings": Ratings(nps=None, csat=1, ces=2)}
+    )
+    fine = touchpoint("web:w-1", NOW, 1, key).model_copy(
+        update={"ratings": Ratings(nps=9, csat=None, ces=None)}
+    )
+    async with harness.worker.agents["customers"].test_context() as agent:
+        await feed_customer(agent, key, {"t": "event", "tp": poor.model_dump(mode="json")}, 0)
+        await feed_customer(agent, key, {"t": "event", "tp": fine.model_dump(mode="json")}, 1)
+        # The identity stage re-sends after a crash: a replay must not alert again.
+        await feed_customer(agent, key, {"t": "event", "tp": poor.model_dump(mode="json")}, 2)
+    alerts = [(sent.key, orjson.loads(sent.value or b"")) for sent in harness.alerts.sent]
+    assert [(k, a["type"], a["score"], a["event_id"]) for k, a in alerts] == [
+        (b"C-9", "low_csat", 1, "support:s-1"),
+        (b"C-9", "high_effort", 2, "support:s-1"),
+    ]
+    assert all(a["customer_key"] == "C-9" for _, a in alerts)
+    assert harness.count("cxpulse_alerts_total", type="low_csat") == 1
+    assert harness.count("cxpulse_alerts_total", type="detractor") == 0
 
 
 async def test_customers_event_record_timeline_and_profile(harness: Harness) -> None:

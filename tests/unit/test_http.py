@@ -41,7 +41,7 @@ async def test_health_readiness_and_metrics() -> None:
 def test_metric_labels_are_low_cardinality() -> None:
     registry = CollectorRegistry()
     Metrics(registry)
-    allowed = {"channel", "reason", "stage", "table", "topic", "partition", "le"}
+    allowed = {"channel", "reason", "stage", "table", "topic", "partition", "le", "type"}
     for family in registry.collect():
         assert family.name.startswith("cxpulse_")
         for sample in family.samples:
