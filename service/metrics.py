@@ -14,14 +14,16 @@ Definitions (contract section 4; `DEFINITIONS_VERSION` rises whenever one change
   responses (NPS: 1.96 x 100 x sqrt((p + d - (p - d)^2) / n) with p, d shares; CSAT:
   1.96 x 100 x sqrt(s (1 - s) / n); CES: 1.96 x sample stdev / sqrt(n)).
 - late: an event older than `window_end - 30d` when it arrives changes nothing.
-- Tickets and conversations are joined over the events of the longest (30 d) window.
+- Tickets and conversations (events with a support or chat `thread_id`) are joined looking at
+  most 30 days (`JOIN_SPAN`) back from the event being judged (`derive`).
 - support: tickets created, solved and reopened in the window (counts of those events);
-  median_resolution_seconds over the solved events in the window whose ticket's creation is
-  known: solved time - created time; first_contact_resolution: of the tickets with a solve in
-  the window, the percentage solved with at most one agent reply before their first solve and
-  never reopened.
+  median_resolution_seconds over the solves in the window whose ticket was created at most
+  30 days before: solve time - creation time (the earliest such creation);
+  first_contact_resolution: of the first solves in the window (a solve with no earlier solve
+  of the ticket within 30 days), the percentage with at most one agent reply in the 30 days
+  before it and no reopen after it.
 - chat: conversations started and handoffs in the window; bot_containment: of the
-  conversations closed in the window, the percentage that never had a handoff.
+  conversation closes in the window, the percentage with no handoff in the 30 days before.
 - store: purchases, returns, revenue = purchase amounts - return amounts (exact decimal).
 - churn: closed_accounts = distinct customers with an account_closed event in the window;
   detractors = distinct customers with an NPS detractor answer in the window.
@@ -33,7 +35,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
@@ -138,8 +140,21 @@ class Snapshot(Canonical):
         return f"{self.scope}/{self.window}"
 
 
-def _r(value: float | None) -> float | None:
+def round2(value: float | None) -> float | None:
+    """Floats in snapshots are rounded to 2 decimals."""
     return None if value is None else round(value, 2)
+
+
+_r = round2
+
+
+def sentiment_block(samples: Sequence[float]) -> SentimentBlock:
+    """Sentiment scores -> their mean (summed exactly, so the order they come in never
+    matters) and how many."""
+    if not samples:
+        return SentimentBlock(mean=None, samples=0)
+    total = sum((Decimal(repr(value)) for value in samples), Decimal(0))
+    return SentimentBlock(mean=round2(float(total / len(samples))), samples=len(samples))
 
 
 def nps_block(scores: Sequence[int], min_responses: int) -> NpsBlock:
@@ -206,38 +221,70 @@ def window_end_for(watermark: datetime) -> datetime:
     return watermark.replace(second=0, microsecond=0) + timedelta(minutes=1)
 
 
-@dataclass
-class _Threads:
-    """What is known of every ticket and conversation, at any time (joins across events)."""
+JOIN_SPAN = timedelta(days=30)
 
-    created: dict[str, datetime] = field(default_factory=dict)
-    agent_replies_before_solve: dict[str, int] = field(default_factory=dict)
-    first_solve: dict[str, datetime] = field(default_factory=dict)
-    reopened: set[str] = field(default_factory=set)
-    handoff: set[str] = field(default_factory=set)
 
-    @classmethod
-    def of(cls, events: Iterable[Touchpoint]) -> _Threads:
-        threads = cls()
-        ordered = sorted(events, key=lambda e: (e.occurred_at, e.event_id))
-        for event in ordered:
-            thread = event.thread_id
-            if thread is None:
-                continue
-            if event.kind == "ticket_created":
-                threads.created.setdefault(thread, event.occurred_at)
-            elif event.kind == "agent_reply" and event.channel == "support":
-                if thread not in threads.first_solve:
-                    threads.agent_replies_before_solve[thread] = (
-                        threads.agent_replies_before_solve.get(thread, 0) + 1
-                    )
-            elif event.kind == "ticket_solved":
-                threads.first_solve.setdefault(thread, event.occurred_at)
-            elif event.kind == "ticket_reopened":
-                threads.reopened.add(thread)
-            elif event.kind == "handoff":
-                threads.handoff.add(thread)
-        return threads
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """What an event means once joined with the rest of its ticket or conversation."""
+
+    resolution_seconds: float | None = None  # ticket_solved: since the ticket's creation
+    first_solve: bool = False  # ticket_solved: no earlier solve of the ticket within the span
+    first_contact: bool = False  # first solve with <= 1 agent reply before it, never reopened
+    contained: bool = False  # conversation_closed: no handoff within the span before it
+
+
+def thread_key(event: Touchpoint) -> str | None:
+    """The ticket or conversation an event belongs to ('support:T-1'), else None."""
+    if event.channel in ("support", "chat") and event.thread_id is not None:
+        return f"{event.channel}:{event.thread_id}"
+    return None
+
+
+def derive(thread: Sequence[Touchpoint]) -> dict[str, Derived]:
+    """The on-time events of one ticket or conversation -> event id -> what it means.
+
+    Every join looks back (or ahead) at most `JOIN_SPAN`, so a thread's events older than
+    that before anything new can be forgotten without changing any result."""
+    order = sorted(thread, key=lambda e: (e.occurred_at, e.event_id))
+    created = [e.occurred_at for e in order if e.kind == "ticket_created"]
+    replies = [e.occurred_at for e in order if e.kind == "agent_reply" and e.channel == "support"]
+    reopens = [e for e in order if e.kind == "ticket_reopened"]
+    handoffs = [e.occurred_at for e in order if e.kind == "handoff"]
+    solves = [e for e in order if e.kind == "ticket_solved"]
+    derived: dict[str, Derived] = {}
+    for index, solve in enumerate(solves):
+        t = solve.occurred_at
+        since = [c for c in created if t - JOIN_SPAN <= c <= t]
+        first = not any(t - JOIN_SPAN <= s.occurred_at for s in solves[:index])
+        contact = (
+            first
+            and sum(1 for r in replies if t - JOIN_SPAN <= r < t) <= 1
+            and not any((r.occurred_at, r.event_id) > (t, solve.event_id) for r in reopens)
+        )
+        derived[solve.event_id] = Derived(
+            resolution_seconds=(t - min(since)).total_seconds() if since else None,
+            first_solve=first,
+            first_contact=contact,
+        )
+    for close in (e for e in order if e.kind == "conversation_closed"):
+        t = close.occurred_at
+        handed_off = any(t - JOIN_SPAN <= h <= t for h in handoffs)
+        derived[close.event_id] = Derived(contained=not handed_off)
+    return derived
+
+
+def derive_all(events: Iterable[Touchpoint]) -> dict[str, Derived]:
+    """Every event -> what it means in its thread (events without a thread: nothing)."""
+    threads: dict[str, list[Touchpoint]] = {}
+    for event in events:
+        key = thread_key(event)
+        if key is not None:
+            threads.setdefault(key, []).append(event)
+    derived: dict[str, Derived] = {}
+    for thread in threads.values():
+        derived.update(derive(thread))
+    return derived
 
 
 def _snapshot(
@@ -245,7 +292,7 @@ def _snapshot(
     window: WindowName,
     end: datetime,
     events: list[Touchpoint],
-    threads: _Threads,
+    derived: dict[str, Derived],
     min_responses: int,
     emitted_at: datetime,
 ) -> Snapshot:
@@ -260,20 +307,12 @@ def _snapshot(
     def count(kind: str) -> int:
         return len(kinds.get(kind, []))
 
-    solved = kinds.get("ticket_solved", [])
-    durations = [
-        (e.occurred_at - threads.created[e.thread_id]).total_seconds()
-        for e in solved
-        if e.thread_id is not None and e.thread_id in threads.created
-    ]
-    solved_tickets = {e.thread_id for e in solved if e.thread_id is not None}
-    first_contact = [
-        t
-        for t in solved_tickets
-        if threads.agent_replies_before_solve.get(t, 0) <= 1 and t not in threads.reopened
-    ]
-    closed = {e.thread_id for e in kinds.get("conversation_closed", []) if e.thread_id is not None}
-    contained = [c for c in closed if c not in threads.handoff]
+    solves = [derived.get(e.event_id, Derived()) for e in kinds.get("ticket_solved", [])]
+    durations = [d.resolution_seconds for d in solves if d.resolution_seconds is not None]
+    first_solves = [d for d in solves if d.first_solve]
+    first_contact = [d for d in first_solves if d.first_contact]
+    closes = [derived.get(e.event_id, Derived()) for e in kinds.get("conversation_closed", [])]
+    contained = [d for d in closes if d.contained]
     revenue = sum((Decimal(e.amount or "0") for e in kinds.get("purchase", [])), Decimal(0)) - sum(
         (Decimal(e.amount or "0") for e in kinds.get("return", [])), Decimal(0)
     )
@@ -293,23 +332,20 @@ def _snapshot(
         nps=nps_block(nps, min_responses),
         csat=csat_block(csat, min_responses),
         ces=ces_block(ces, min_responses),
-        sentiment=SentimentBlock(
-            mean=_r(sum(sentiments) / len(sentiments)) if sentiments else None,
-            samples=len(sentiments),
-        ),
+        sentiment=sentiment_block(sentiments),
         support=SupportBlock(
             tickets_created=count("ticket_created"),
             tickets_solved=count("ticket_solved"),
             reopened=count("ticket_reopened"),
             median_resolution_seconds=_r(statistics.median(durations)) if durations else None,
             first_contact_resolution=(
-                _r(100 * len(first_contact) / len(solved_tickets)) if solved_tickets else None
+                _r(100 * len(first_contact) / len(first_solves)) if first_solves else None
             ),
         ),
         chat=ChatBlock(
             conversations=count("conversation_started"),
             handoffs=count("handoff"),
-            bot_containment=_r(100 * len(contained) / len(closed)) if closed else None,
+            bot_containment=_r(100 * len(contained) / len(closes)) if closes else None,
         ),
         store=store,
         churn=ChurnBlock(
@@ -347,15 +383,14 @@ def reference_snapshots(
     touchpoints: Iterable[Touchpoint], min_responses: int, emitted_at: datetime
 ) -> list[Snapshot]:
     """Accepted touchpoints (in arrival order) -> the snapshot of every scope and window at the
-    final watermark (none for no events). Tickets and conversations are joined over the
-    events of the longest window."""
+    final watermark (none for no events)."""
     events, _ = on_time(touchpoints)
     if not events:
         return []
     end = window_end_for(max(e.occurred_at for e in events))
-    threads = _Threads.of(e for e in events if end - LONGEST <= e.occurred_at)
+    derived = derive_all(events)
     return [
-        _snapshot(scope, window, end, events, threads, min_responses, emitted_at)
+        _snapshot(scope, window, end, events, derived, min_responses, emitted_at)
         for scope in SCOPES
         for window in WINDOWS
     ]
