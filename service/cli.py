@@ -161,11 +161,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "\ncxpulse dev is running (Ctrl-C stops everything)\n"
             f"  broker   {broker.bootstrap}  (embedded Tansu, memory only)\n"
             f"  health   http://127.0.0.1:{port}/healthz   http://127.0.0.1:{port}/readyz\n"
-            f"  metrics  http://127.0.0.1:{port}/metrics\n"
+            f"  metrics  http://127.0.0.1:{port}/metrics   http://127.0.0.1:{port}/v1/metrics\n"
             f"  customer http://127.0.0.1:{port}/v1/customers/{{key}}"
             f"  (keys: on {prefix}.timeline)\n"
             f"  traffic  {args.rate:g} simulated messages/s into {prefix}.raw.*\n"
-            f"  outputs  {prefix}.timeline, .identity, .profiles, .deadletter: read them with "
+            f"  outputs  {prefix}.timeline, .metrics, .alerts, .identity, .profiles, .deadletter: "
+            "read them with "
             f"any Kafka client at {broker.bootstrap}\n",
             flush=True,
         )

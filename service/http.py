@@ -42,14 +42,28 @@ class Customers(Protocol):
         """Queue the removal of a customer."""
 
 
+class Snapshots(Protocol):
+    """What GET /v1/metrics needs from a worker."""
+
+    def owner_url(self) -> str | None:
+        """Base URL of the worker that merges the metrics, None when it is this one."""
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The latest snapshot of every scope/window, as JSON."""
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
 def make_web_app(
-    registry: CollectorRegistry, ready: Readiness, customers: Customers | None = None
+    registry: CollectorRegistry,
+    ready: Readiness,
+    customers: Customers | None = None,
+    snapshots: Snapshots | None = None,
 ) -> web.Application:
-    """(metrics registry, readiness probe, customer access) -> the aiohttp application."""
+    """(metrics registry, readiness probe, customer and snapshot access) -> the aiohttp
+    application."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -69,7 +83,20 @@ def make_web_app(
     app.router.add_get("/metrics", metrics)
     if customers is not None:
         _customer_routes(app, customers)
+    if snapshots is not None:
+        _snapshot_routes(app, snapshots)
     return app
+
+
+def _snapshot_routes(app: web.Application, snapshots: Snapshots) -> None:
+    async def get_metrics(request: web.Request) -> web.Response:
+        owner = snapshots.owner_url()
+        hops = _hops(request)
+        if owner is not None and hops < MAX_HOPS:
+            return await _forward(f"{owner}/v1/metrics", request, hops + 1)
+        return web.json_response({"snapshots": snapshots.snapshots()})
+
+    app.router.add_get("/v1/metrics", get_metrics)
 
 
 def _customer_routes(app: web.Application, customers: Customers) -> None:

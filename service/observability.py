@@ -131,6 +131,30 @@ class Metrics:
             ["type"],
             registry=registry,
         )
+        self.late = Counter(
+            "cxpulse_late_events",
+            "Events older than the longest window when they arrived: they change no window.",
+            ["channel"],
+            registry=registry,
+        )
+        self.snapshots = Counter(
+            "cxpulse_snapshots_emitted",
+            "Metric snapshots published to cx.metrics.",
+            ["scope", "window"],
+            registry=registry,
+        )
+        self.nps_score = Gauge(
+            "cxpulse_nps_score", "Current NPS (-100..100).", ["scope", "window"], registry=registry
+        )
+        self.csat_score = Gauge(
+            "cxpulse_csat_score",
+            "Current CSAT score (percentage of 4-5 answers).",
+            ["scope", "window"],
+            registry=registry,
+        )
+        self.ces_mean = Gauge(
+            "cxpulse_ces_mean", "Current CES mean (1..7).", ["scope", "window"], registry=registry
+        )
         self.ready = Gauge(
             "cxpulse_ready",
             "1 when partitions are assigned and state is recovered, else 0.",
@@ -149,6 +173,7 @@ class Metrics:
             for reason in REASONS:
                 self.deadletters.labels(channel=channel, reason=reason)
             self.latency.labels(channel=channel)
+            self.late.labels(channel=channel)
         for kind in ("detractor", "low_csat", "high_effort"):
             self.alerts.labels(type=kind)
         for table in ("dedup", "identity", "customers"):

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from service.canonical import Touchpoint
 from service.metrics import (
@@ -47,6 +48,10 @@ from service.metrics import (
 )
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_COUNTERS = (
+    "customers", "nps", "csat", "ces", "sentiment", "kinds", "resolution",
+    "closed_accounts", "detractors",
+)  # fmt: skip
 MINUTE = timedelta(minutes=1)
 
 
@@ -83,10 +88,7 @@ class MinuteAgg:
     def add(self, other: MinuteAgg, sign: int = 1) -> None:
         """Add (sign 1) or take away (sign -1) another aggregate."""
         self.events += sign * other.events
-        for name in (
-            "customers", "nps", "csat", "ces", "sentiment", "kinds", "resolution",
-            "closed_accounts", "detractors",
-        ):  # fmt: skip
+        for name in _COUNTERS:
             mine: Counter[object] = getattr(self, name)
             for value, count in getattr(other, name).items():
                 mine[value] += sign * count
@@ -97,6 +99,37 @@ class MinuteAgg:
         self.closes += sign * other.closes
         self.contained += sign * other.contained
         self.revenue += sign * other.revenue
+
+    def copy(self) -> MinuteAgg:
+        duplicate = MinuteAgg()
+        duplicate.add(self)
+        return duplicate
+
+    def to_json(self) -> dict[str, Any]:
+        """-> JSON (counters as [value, count] pairs: their values are not all strings)."""
+        return {
+            "events": self.events,
+            **{name: sorted(getattr(self, name).items()) for name in _COUNTERS},
+            "first_solves": self.first_solves,
+            "first_contact": self.first_contact,
+            "closes": self.closes,
+            "contained": self.contained,
+            "revenue": str(self.revenue),
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> MinuteAgg:
+        agg = cls(
+            events=int(value["events"]),
+            first_solves=int(value["first_solves"]),
+            first_contact=int(value["first_contact"]),
+            closes=int(value["closes"]),
+            contained=int(value["contained"]),
+            revenue=Decimal(value["revenue"]),
+        )
+        for name in _COUNTERS:
+            setattr(agg, name, Counter(dict(value[name])))
+        return agg
 
     @classmethod
     def of(cls, event: Touchpoint, derived: Derived) -> MinuteAgg:
@@ -186,7 +219,7 @@ class PartitionAggregator:
     minutes: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
     threads: dict[str, list[Touchpoint]] = field(default_factory=dict)
     derived: dict[str, Derived] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)
+    seen: dict[str, int] = field(default_factory=dict)  # event id -> its minute
     watermark: datetime | None = None
     late: int = 0
 
@@ -201,7 +234,7 @@ class PartitionAggregator:
         ):
             self.late += 1
             return set()
-        self.seen.add(event.event_id)
+        self.seen[event.event_id] = minute_of(event.occurred_at)
         self.watermark = max(self.watermark or event.occurred_at, event.occurred_at)
         changed: set[tuple[Scope, int]] = set()
         key = thread_key(event)
@@ -222,6 +255,45 @@ class PartitionAggregator:
             self.derived[member.event_id] = new
         return changed
 
+    def restore(self, events: list[Touchpoint]) -> set[tuple[Scope, int]]:
+        """Rebuild from the events kept in state (all on time when they came) -> every bucket."""
+        changed: set[tuple[Scope, int]] = set()
+        threads: dict[str, list[Touchpoint]] = {}
+        for event in events:
+            if event.event_id in self.seen:
+                continue
+            self.seen[event.event_id] = minute_of(event.occurred_at)
+            self.watermark = max(self.watermark or event.occurred_at, event.occurred_at)
+            key = thread_key(event)
+            if key is None:
+                self._contribute(event, Derived(), 1, changed)
+            else:
+                threads.setdefault(key, []).append(event)
+        for key, thread in threads.items():
+            self.threads.setdefault(key, []).extend(thread)
+            derived = derive(self.threads[key])
+            for member in thread:
+                self.derived[member.event_id] = derived.get(member.event_id, Derived())
+                self._contribute(member, self.derived[member.event_id], 1, changed)
+        return changed
+
+    def forget_before(self, minute: int) -> list[int]:
+        """Drop what came before `minute` (no window or join can reach it) -> the minutes
+        dropped."""
+        gone = sorted({m for _, m in self.minutes if m < minute})
+        for key in [k for k in self.minutes if k[1] < minute]:
+            del self.minutes[key]
+        for event_id in [e for e, m in self.seen.items() if m < minute]:
+            del self.seen[event_id]
+            self.derived.pop(event_id, None)
+        for thread_id, thread in list(self.threads.items()):
+            kept = [e for e in thread if e.event_id in self.seen]
+            if kept:
+                self.threads[thread_id] = kept
+            else:
+                del self.threads[thread_id]
+        return gone
+
     def _contribute(
         self, event: Touchpoint, derived: Derived, sign: int, changed: set[tuple[Scope, int]]
     ) -> None:
@@ -237,29 +309,54 @@ class Merger:
     """All partitions' minute aggregates -> rolling windows at the global watermark."""
 
     partials: dict[tuple[int, Scope, int], MinuteAgg] = field(default_factory=dict)
+    totals: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
     watermarks: dict[int, datetime] = field(default_factory=dict)
 
     def receive(
         self, partition: int, scope: Scope, minute: int, agg: MinuteAgg, watermark: datetime
     ) -> None:
         """Replace one partition's aggregate of one minute (idempotent)."""
+        agg = agg.copy()  # the sender may go on changing its own
+        total = self.totals.setdefault((scope, minute), MinuteAgg())
+        old = self.partials.get((partition, scope, minute))
+        if old is not None:
+            total.add(old, -1)
+        total.add(agg)
         self.partials[(partition, scope, minute)] = agg
         if partition not in self.watermarks or watermark > self.watermarks[partition]:
             self.watermarks[partition] = watermark
 
+    @property
+    def window_end(self) -> datetime | None:
+        """The end of the minute holding the global watermark (None before any event)."""
+        return window_end_for(max(self.watermarks.values())) if self.watermarks else None
+
     def snapshots(self, min_responses: int, emitted_at: datetime) -> list[Snapshot]:
         """Every scope and window at the global watermark (none before any event)."""
-        if not self.watermarks:
+        end = self.window_end
+        if end is None:
             return []
-        end = window_end_for(max(self.watermarks.values()))
         end_minute = minute_of(end)
+        by_scope: dict[Scope, list[tuple[int, MinuteAgg]]] = {scope: [] for scope in SCOPES}
+        for (scope, minute), agg in self.totals.items():
+            if end_minute - int(LONGEST // MINUTE) <= minute < end_minute:
+                by_scope[scope].append((minute, agg))
         result = []
         for scope in SCOPES:
             for window, size in WINDOWS.items():
                 first = end_minute - int(size // MINUTE)
                 total = MinuteAgg()
-                for (_, agg_scope, minute), agg in self.partials.items():
-                    if agg_scope == scope and first <= minute < end_minute:
+                for minute, agg in by_scope[scope]:
+                    if first <= minute:
                         total.add(agg)
                 result.append(snapshot_of(total, scope, window, end, min_responses, emitted_at))
         return result
+
+    def forget_before(self, minute: int) -> list[tuple[int, Scope, int]]:
+        """Drop minutes no window can reach any more -> the partial keys dropped."""
+        gone = [key for key in self.partials if key[2] < minute]
+        for key in gone:
+            del self.partials[key]
+        for total_key in [key for key in self.totals if key[1] < minute]:
+            del self.totals[total_key]
+        return gone

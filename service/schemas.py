@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from service.alerts import Alert
 from service.canonical import IdentityMerge, Touchpoint
 from service.deadletter import DeadLetterHeaders
+from service.metrics import Snapshot
 from service.profile import Profile
 from service.raw import ChatEvent, StoreEvent, SupportEvent, WebEvent
 
@@ -23,6 +24,7 @@ MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "raw.store.json": (StoreEvent, "cx.raw.store value: one point-of-sale or kiosk event"),
     "timeline.json": (Touchpoint, "cx.timeline value: one canonical touchpoint"),
     "alert.json": (Alert, "cx.alerts value: one closed-loop alert"),
+    "metrics.json": (Snapshot, "cx.metrics value and GET /v1/metrics: one rolling snapshot"),
     "identity.json": (IdentityMerge, "cx.identity value: a customer key merged into another"),
     "profile.json": (Profile, "cx.profiles value and GET /v1/customers/{key}: one profile"),
     "deadletter-headers.json": (

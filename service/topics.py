@@ -61,6 +61,16 @@ class Topics:
         """Internal: events, merges and forgets keyed by customer key."""
         return f"{self.prefix}.internal.customers"
 
+    @property
+    def metrics_stream(self) -> str:
+        """Internal: filed touchpoints keyed by ticket, conversation or event, for metrics."""
+        return f"{self.prefix}.internal.metrics"
+
+    @property
+    def partials_stream(self) -> str:
+        """Internal, one partition: minute aggregates on their way to the merger."""
+        return f"{self.prefix}.internal.partials"
+
     def contract_topics(self) -> dict[str, bool]:
         """Topic name -> compacted?, for every topic of the contract."""
         names = dict.fromkeys(self.raw_topics, False)

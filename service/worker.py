@@ -31,6 +31,7 @@ from service.forget import FORGET_KEY, forget_command
 from service.http import HttpService, make_web_app
 from service.identity import IdentityGraph
 from service.kafka import ssl_context
+from service.metrics_stage import MetricsState, metrics_key, wire_metrics
 from service.normalize import normalize
 from service.observability import Metrics
 from service.parse import Limits, Rejected, parse
@@ -171,10 +172,15 @@ class Worker:
     identity_out: faust.TopicT
     profiles_topic: faust.TopicT
     alerts_topic: faust.TopicT
+    metrics_stream: faust.TopicT
+    partials_stream: faust.TopicT
+    metrics_topic: faust.TopicT
     dedup_table: Any
     identity_table: Any
     customers_table: Any
     agents: dict[str, faust.types.AgentT[Any]] = field(default_factory=dict)
+    metrics_state: MetricsState = field(default_factory=MetricsState)
+    partials_table: Any = None
     indexes: dict[int, dict[str, ExpiryIndex]] = field(default_factory=dict)
     assigned_once: bool = False
     broker_up: bool = True
@@ -189,7 +195,7 @@ class Worker:
         return ok
 
     def http_service(self) -> HttpService:
-        web_app = make_web_app(self.registry, self.ready, CustomerReads(self))
+        web_app = make_web_app(self.registry, self.ready, CustomerReads(self), SnapshotReads(self))
         return HttpService(web_app, self.settings.http_host, self.settings.http_port)
 
     def source_partitions(self, topic: str) -> int:
@@ -224,7 +230,12 @@ class Worker:
         partitioner); its owner comes from the assignment every member shares."""
         partitions = self.source_partitions(self.topics.customer_stream) or self.settings.partitions
         partition = _PARTITIONER(key.encode(), list(range(partitions)), list(range(partitions)))
-        changelog = self.customers_table.changelog_topic.get_topic_name()
+        return self.table_owner(self.customers_table, partition)
+
+    def table_owner(self, table: Any, partition: int) -> str | None:
+        """Base URL of the worker that owns one partition of a table, None when this one (or
+        while nobody does)."""
+        changelog = table.changelog_topic.get_topic_name()
         assignor = cast(Any, self.app.assignor)
         for url, topics in assignor.changelog_distribution.items():
             if partition in topics.get(changelog, ()):
@@ -236,6 +247,20 @@ class Worker:
         """The local customer record of a key (outside an agent: any local partition)."""
         value = self.customers_table.get(key)
         return None if value is None else cast(Record, value)
+
+
+class SnapshotReads:
+    """What the HTTP layer needs to answer GET /v1/metrics."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def owner_url(self) -> str | None:
+        return self.worker.table_owner(self.worker.partials_table, 0)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        latest = self.worker.metrics_state.latest
+        return [latest[key].model_dump(mode="json") for key in sorted(latest)]
 
 
 class CustomerReads:
@@ -309,6 +334,9 @@ def build_worker(
         identity_out=_raw_topic(app, topics.identity),
         profiles_topic=_raw_topic(app, topics.profiles),
         alerts_topic=_raw_topic(app, topics.alerts),
+        metrics_stream=_raw_topic(app, topics.metrics_stream, partitions=settings.partitions),
+        partials_stream=_raw_topic(app, topics.partials_stream, partitions=1),
+        metrics_topic=_raw_topic(app, topics.metrics),
         dedup_table=app.Table("dedup", partitions=settings.partitions, schema=json_table),
         identity_table=app.Table("identity", partitions=1, schema=json_table),
         customers_table=app.Table("customers", partitions=settings.partitions, schema=json_table),
@@ -466,8 +494,10 @@ def build_worker(
                     )
                     metrics.alerts.labels(type=alert.type).inc()
             # Published again on a replay: the first copy may have been lost in a crash.
-            value = orjson.dumps({**touchpoint, "customer_key": key})
+            filed = {**touchpoint, "customer_key": key}
+            value = orjson.dumps(filed)
             await publish(worker.timeline_topic, key.encode(), value)
+            await publish(worker.metrics_stream, metrics_key(filed), value)
             if command.get("rx"):
                 seconds = max(0.0, (_ms(clock()) - int(command["rx"])) / 1000)
                 metrics.latency.labels(channel=touchpoint["channel"]).observe(seconds)
@@ -510,6 +540,18 @@ def build_worker(
     ]
     for stage, topic, handle in stages:
         worker.agents[stage] = app.agent(topic, name=stage)(agent(stage, handle))
+    worker.metrics_state, metric_agents, worker.partials_table = wire_metrics(
+        app,
+        settings,
+        metrics,
+        worker.metrics_stream,
+        worker.partials_stream,
+        worker.metrics_topic,
+        publish,
+        agent,
+        clock,
+    )
+    worker.agents.update(metric_agents)
 
     @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def freshness() -> None:

@@ -112,6 +112,9 @@ class Harness:
     announced: Capture  # cx.identity
     profiles: Capture
     alerts: Capture
+    metrics: Capture  # the internal metrics stream (customers -> metrics partitions)
+    partials: Capture  # minute aggregates (metrics partitions -> merger)
+    snapshots: Capture  # cx.metrics
     fatal: list[tuple[str, BaseException]]
 
     def count(self, name: str, **labels: str) -> float:
@@ -181,6 +184,9 @@ def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
         worker.identity_out,
         worker.profiles_topic,
         worker.alerts_topic,
+        worker.metrics_stream,
+        worker.partials_stream,
+        worker.metrics_topic,
     )
     captures = [Capture() for _ in topics]
     for topic, capture in zip(topics, captures, strict=True):
@@ -1114,3 +1120,41 @@ async def test_end_to_end_customers_hold_exactly_their_connected_events(
         assert view.aliases == record["aliases"]
     for key in aliases:
         assert latest[key.encode()] is None
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+async def test_customers_send_filed_events_to_the_metrics_partitions(harness: Harness) -> None:
+    tp = tp_json("web:m-1", NOW, "x")
+    async with harness.worker.agents["customers"].test_context() as agent:
+        await feed_customer(agent, "C-7", {"t": "event", "tp": tp}, 0)
+    [sent] = harness.metrics.sent
+    assert sent.key == b"web:m-1"  # no thread: keyed by the event itself
+    assert touchpoint_of(sent).customer_key == "C-7"
+
+
+async def test_metrics_partition_counts_each_event_once_and_merger_sums(harness: Harness) -> None:
+    state = harness.worker.metrics_state
+    first = touchpoint("web:m-1", NOW, 0, "C-1").model_dump_json().encode()
+    second = touchpoint("web:m-2", NOW, 1, "C-2").model_dump_json().encode()
+    async with harness.worker.agents["metrics"].test_context() as agent:
+        await feed(agent, "cx.internal.metrics", b"web:m-1", first, 2, 0)
+        await feed(agent, "cx.internal.metrics", b"web:m-1", first, 2, 1)  # a re-send
+        await feed(agent, "cx.internal.metrics", b"web:m-2", second, 2, 2)
+    minute = int(NOW.timestamp() // 60)
+    bucket = state.parts[2].minutes[("all", minute)]
+    assert (bucket.events, len(bucket.customers)) == (2, 2)
+
+    partial = {
+        "p": 2, "scope": "all", "minute": minute, "agg": bucket.to_json(),
+        "wm": int(NOW.timestamp() * 1000),
+    }  # fmt: skip
+    async with harness.worker.agents["merger"].test_context() as agent:
+        for offset in range(2):  # the same partial twice replaces, never adds
+            key = f"2|all|{minute}".encode()
+            await feed(agent, "cx.internal.partials", key, orjson.dumps(partial), 0, offset)
+    assert state.merger is not None
+    snapshots = {s.key: s for s in state.merger.snapshots(30, NOW)}
+    assert snapshots["all/1h"].events == 2
+    assert snapshots["web/1h"].events == 0  # only the "all" scope was sent here

@@ -129,6 +129,7 @@ def test_the_required_signals_are_alerted_on() -> None:
         "cxpulse_broker_up",
         "cxpulse_processing_latency_seconds_bucket",
         "cxpulse_identity_merges_refused_total",
+        "cxpulse_nps_score",
     } <= used
 
 

@@ -8,6 +8,7 @@ import zlib
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -52,8 +53,9 @@ def stream(
             aggregator = aggregators[partition]
             agg = aggregator.minutes.get((scope, minute), MinuteAgg())
             assert aggregator.watermark is not None
+            sent = MinuteAgg.from_json(orjson.loads(orjson.dumps(agg.to_json())))
             for _ in range(rng.choice((1, 1, 2))):
-                merger.receive(partition, scope, minute, agg, aggregator.watermark)
+                merger.receive(partition, scope, minute, sent, aggregator.watermark)
         pending.clear()
 
     for event in events:
@@ -93,6 +95,17 @@ def test_a_late_thread_event_changes_earlier_contributions() -> None:
     changed = aggregator.apply(created)
     assert solve_bucket in changed
     assert aggregator.minutes[solve_bucket].resolution == {7200.0: 1}
+
+
+def test_restore_rebuilds_the_same_buckets() -> None:
+    events = list(workload(1, 300))
+    live = PartitionAggregator()
+    for event in events:
+        live.apply(event)
+    rebuilt = PartitionAggregator()
+    rebuilt.restore(list(reversed(events)))
+    assert rebuilt.minutes == live.minutes
+    assert rebuilt.watermark == live.watermark
 
 
 def test_each_event_id_counts_once() -> None:

@@ -1,0 +1,208 @@
+"""The metrics stages of the worker: per-partition minute aggregates, one merger, `cx.metrics`.
+
+customers stage --(filed touchpoint, keyed by its ticket/conversation or event id)-->
+  metrics agent (N partitions): the events of the last days per minute in a table, each id
+  once; in memory a `PartitionAggregator`. Every CX_EMIT_INTERVAL the changed minute
+  aggregates go, whole, to
+  merger agent (1 partition): keeps every partition's latest aggregate per minute (replacing
+  one is idempotent) and, every CX_EMIT_INTERVAL, publishes the snapshots whose numbers
+  changed or whose window slid to the compacted `cx.metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import faust
+import orjson
+
+from service.canonical import Touchpoint, to_utc_millis
+from service.metrics import LONGEST, Scope, Snapshot
+from service.observability import Metrics
+from service.rolling import (
+    EPOCH,
+    Merger,
+    MinuteAgg,
+    PartitionAggregator,
+    minute_of,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[faust.TopicT, bytes | None, bytes | None], Awaitable[None]]
+# Events are kept this long behind a partition's watermark: a window looks back 30 days and a
+# thread join 30 days before that.
+KEEP = LONGEST + LONGEST + timedelta(days=1)
+
+
+def metrics_key(touchpoint: dict[str, Any]) -> bytes:
+    """Touchpoint JSON -> the metrics partition key: its ticket or conversation, else itself."""
+    thread = touchpoint.get("thread_id")
+    if touchpoint["channel"] in ("support", "chat") and thread is not None:
+        return f"{touchpoint['channel']}:{thread}".encode()
+    return str(touchpoint["event_id"]).encode()
+
+
+def _from_ms(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def _ms(moment: datetime) -> int:
+    return int((moment - EPOCH) // timedelta(milliseconds=1))
+
+
+@dataclass
+class MetricsState:
+    """In-memory views of the two tables, rebuilt after every assignment."""
+
+    parts: dict[int, PartitionAggregator] = field(default_factory=dict)
+    dirty: dict[int, set[tuple[Scope, int]]] = field(default_factory=dict)
+    merger: Merger | None = None
+    published: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latest: dict[str, Snapshot] = field(default_factory=dict)
+
+
+def wire_metrics(
+    app: faust.App,
+    settings: Settings,
+    metrics: Metrics,
+    stream: faust.TopicT,
+    partials_stream: faust.TopicT,
+    metrics_topic: faust.TopicT,
+    publish: Publish,
+    agent: Callable[[str, Callable[[Any], Awaitable[None]]], Any],
+    clock: Callable[[], datetime],
+) -> tuple[MetricsState, dict[str, Any], Any]:
+    """Declare the two metrics tables, agents and timers -> (state, agents, partials table)."""
+    schema: faust.Schema[Any, Any] = faust.Schema(key_serializer="raw", value_serializer="json")
+    options = {"write_buffer_size": 8 << 20, "max_write_buffer_number": 2,
+               "block_cache_size": 8 << 20}  # fmt: skip
+    events_table = app.Table(
+        "metrics", partitions=settings.partitions, schema=schema, options=options
+    )
+    partials_table = app.Table("partials", partitions=1, schema=schema, options=options)
+    state = MetricsState()
+    interval = settings.emit_interval.total_seconds()
+
+    def aggregator(partition: int) -> PartitionAggregator:
+        """The partition's aggregator, rebuilt from its table after an assignment."""
+        found = state.parts.get(partition)
+        if found is None:
+            found = PartitionAggregator()
+            prefix = f"{partition}|"
+            kept = [
+                Touchpoint.model_validate(event, strict=False)
+                for key, bucket in events_table.items()
+                if (key.decode() if isinstance(key, bytes) else key).startswith(prefix)
+                for event in bucket.values()
+            ]
+            # Every restored bucket is sent again: what was sent before a crash is unknown.
+            state.dirty.setdefault(partition, set()).update(found.restore(kept))
+            state.parts[partition] = found
+        return found
+
+    def merger() -> Merger:
+        if state.merger is None:
+            state.merger = Merger()
+            for key, value in partials_table.items():
+                name = key.decode() if isinstance(key, bytes) else key
+                if not name.startswith("wm|"):
+                    state.merger.receive(
+                        int(value["p"]), value["scope"], int(value["minute"]),
+                        MinuteAgg.from_json(value["agg"]), _from_ms(int(value["wm"])),
+                    )  # fmt: skip
+        return state.merger
+
+    async def handle_event(message: Any) -> None:
+        """Filed touchpoint -> its partition's minute aggregates (each event id once)."""
+        touchpoint = Touchpoint.model_validate_json(message.value or b"")
+        partition = message.partition
+        parts = aggregator(partition)
+        late_before = parts.late
+        changed = parts.apply(touchpoint)
+        if parts.late != late_before:
+            metrics.late.labels(channel=touchpoint.channel).inc()
+            return
+        if not changed:
+            return  # an event id already counted
+        bucket_key = f"{partition}|{minute_of(touchpoint.occurred_at)}"
+        bucket = dict(events_table.get(bucket_key) or {})
+        bucket[touchpoint.event_id] = touchpoint.model_dump(mode="json")
+        events_table[bucket_key] = bucket
+        state.dirty.setdefault(partition, set()).update(changed)
+        if parts.watermark is not None:
+            for minute in parts.forget_before(minute_of(parts.watermark - KEEP)):
+                events_table.pop(f"{partition}|{minute}", None)
+
+    async def handle_partial(message: Any) -> None:
+        """A partition's minute aggregate -> the merger (replacing the one before)."""
+        value = orjson.loads(message.value or b"{}")
+        key = (message.key or b"").decode()
+        partials_table[key] = value
+        merged = merger()
+        merged.receive(
+            int(value["p"]), value["scope"], int(value["minute"]),
+            MinuteAgg.from_json(value["agg"]), _from_ms(int(value["wm"])),
+        )  # fmt: skip
+        end = merged.window_end
+        if end is not None:
+            for partition, scope, minute in merged.forget_before(minute_of(end - LONGEST)):
+                partials_table.pop(f"{partition}|{scope}|{minute}", None)
+
+    def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        state.parts.clear()
+        state.dirty.clear()
+        state.merger = None
+
+    app.on_partitions_revoked.connect(on_revoked)
+
+    @app.timer(interval)  # type: ignore[untyped-decorator]
+    async def send_partials() -> None:
+        for partition, dirty in list(state.dirty.items()):
+            parts = state.parts.get(partition)
+            if parts is None or parts.watermark is None:
+                continue
+            state.dirty[partition] = set()
+            for scope, minute in sorted(dirty):
+                agg = parts.minutes.get((scope, minute), MinuteAgg())
+                value = {
+                    "p": partition, "scope": scope, "minute": minute,
+                    "agg": agg.to_json(), "wm": _ms(parts.watermark),
+                }  # fmt: skip
+                await publish(
+                    partials_stream, f"{partition}|{scope}|{minute}".encode(), orjson.dumps(value)
+                )
+
+    @app.timer(interval)  # type: ignore[untyped-decorator]
+    async def emit_snapshots() -> None:
+        if state.merger is None:
+            return
+        now = to_utc_millis(clock())
+        for snapshot in state.merger.snapshots(settings.min_responses, now):
+            numbers = snapshot.model_dump(mode="json", exclude={"emitted_at"})
+            if state.published.get(snapshot.key) == numbers:
+                continue
+            await publish(metrics_topic, snapshot.key.encode(), snapshot.model_dump_json().encode())
+            state.published[snapshot.key] = numbers
+            state.latest[snapshot.key] = snapshot
+            labels: dict[str, str] = {"scope": snapshot.scope, "window": snapshot.window}
+            metrics.snapshots.labels(**labels).inc()
+            _gauge(metrics.nps_score, labels, snapshot.nps.score)
+            _gauge(metrics.csat_score, labels, snapshot.csat.score)
+            _gauge(metrics.ces_mean, labels, snapshot.ces.mean)
+
+    agents = {
+        "metrics": app.agent(stream, name="metrics")(agent("metrics", handle_event)),
+        "merger": app.agent(partials_stream, name="merger")(agent("merger", handle_partial)),
+    }
+    return state, agents, partials_table
+
+
+def _gauge(gauge: Any, labels: Mapping[str, str], value: float | None) -> None:
+    """Set a score gauge; NaN while the window has no answers."""
+    gauge.labels(**labels).set(float("nan") if value is None else value)
