@@ -31,6 +31,7 @@ from service.rolling import (
     minute_of,
 )
 from service.settings import Settings
+from service.storage import json_table
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,8 @@ def wire_metrics(
     clock: Callable[[], datetime],
 ) -> tuple[MetricsState, dict[str, Any], Any]:
     """Declare the two metrics tables, agents and timers -> (state, agents, partials table)."""
-    schema: faust.Schema[Any, Any] = faust.Schema(key_serializer="raw", value_serializer="json")
-    options = {"write_buffer_size": 8 << 20, "max_write_buffer_number": 2,
-               "block_cache_size": 8 << 20}  # fmt: skip
-    events_table = app.Table(
-        "metrics", partitions=settings.partitions, schema=schema, options=options
-    )
-    partials_table = app.Table("partials", partitions=1, schema=schema, options=options)
+    events_table = json_table(app, "metrics", settings.partitions)
+    partials_table = json_table(app, "partials", 1)
     state = MetricsState()
     interval = settings.emit_interval.total_seconds()
 
@@ -109,13 +105,11 @@ def wire_metrics(
     def merger() -> Merger:
         if state.merger is None:
             state.merger = Merger()
-            for key, value in partials_table.items():
-                name = key.decode() if isinstance(key, bytes) else key
-                if not name.startswith("wm|"):
-                    state.merger.receive(
-                        int(value["p"]), value["scope"], int(value["minute"]),
-                        MinuteAgg.from_json(value["agg"]), _from_ms(int(value["wm"])),
-                    )  # fmt: skip
+            for value in partials_table.values():
+                state.merger.receive(
+                    int(value["p"]), value["scope"], int(value["minute"]),
+                    MinuteAgg.from_json(value["agg"]), _from_ms(int(value["wm"])),
+                )  # fmt: skip
         return state.merger
 
     async def handle_event(message: Any) -> None:

@@ -37,6 +37,7 @@ from service.observability import Metrics
 from service.parse import Limits, Rejected, parse
 from service.profile import profile
 from service.settings import SecurityProtocol, Settings
+from service.storage import json_table
 from service.timeline import Bounds, Record, absorb, add_event
 from service.topics import Topics
 
@@ -71,14 +72,6 @@ def ingest_one(
 
 
 _PARTITIONER = DefaultPartitioner()
-# Faust's RocksDB defaults (64 MiB write buffers x3, a 2 GiB block cache) are per partition
-# database: with ~17 of them a worker could grow to gigabytes. These bound each database to
-# ~16 MiB of memtables and an 8 MiB block cache.
-ROCKSDB_OPTIONS = {
-    "write_buffer_size": 8 << 20,
-    "max_write_buffer_number": 2,
-    "block_cache_size": 8 << 20,
-}
 _FETCH_WAIT_MS: weakref.WeakKeyDictionary[faust.App, int] = weakref.WeakKeyDictionary()
 
 
@@ -314,10 +307,6 @@ def build_worker(
     limits = Limits(settings.max_payload_bytes, settings.max_clock_skew)
     bounds = Bounds(settings.timeline_max_events, settings.timeline_max_age)
     app = _faust_app(settings)
-    json_table: faust.Schema[Any, Any] = faust.Schema(key_serializer="raw", value_serializer="json")
-
-    def table(name: str, partitions: int) -> Any:
-        return app.Table(name, partitions=partitions, schema=json_table, options=ROCKSDB_OPTIONS)
 
     worker = Worker(
         settings=settings,
@@ -337,9 +326,9 @@ def build_worker(
         metrics_stream=_raw_topic(app, topics.metrics_stream, partitions=settings.partitions),
         partials_stream=_raw_topic(app, topics.partials_stream, partitions=1),
         metrics_topic=_raw_topic(app, topics.metrics),
-        dedup_table=app.Table("dedup", partitions=settings.partitions, schema=json_table),
-        identity_table=app.Table("identity", partitions=1, schema=json_table),
-        customers_table=app.Table("customers", partitions=settings.partitions, schema=json_table),
+        dedup_table=json_table(app, "dedup", settings.partitions),
+        identity_table=json_table(app, "identity", 1),
+        customers_table=json_table(app, "customers", settings.partitions),
     )
     dedup_table = worker.dedup_table
     customers = worker.customers_table

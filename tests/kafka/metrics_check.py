@@ -18,7 +18,9 @@ def _numbers(snapshot: Snapshot) -> dict[str, Any]:
     return snapshot.model_dump(mode="json", exclude={"emitted_at"})
 
 
-def expected_snapshots(scenario: Scenario, valid_ids: set[str]) -> dict[str, dict[str, Any]]:
+def expected_snapshots(
+    scenario: Scenario, valid_ids: set[str], within: float = 120.0
+) -> dict[str, dict[str, Any]]:
     """The reference's snapshots over what the timeline says was accepted (first copy of each
     event id: a replay after a crash may publish one again)."""
     records = asyncio.run(
