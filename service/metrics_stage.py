@@ -19,6 +19,7 @@ from typing import Any
 
 import faust
 import orjson
+from faust.exceptions import NotReady
 
 from service.canonical import Touchpoint, to_utc_millis
 from service.metrics import LONGEST, Scope, Snapshot
@@ -157,23 +158,47 @@ def wire_metrics(
 
     @app.timer(interval)  # type: ignore[untyped-decorator]
     async def send_partials() -> None:
+        if app.should_stop:  # timers can fire while the worker stops
+            return
+        try:
+            await _send_partials()
+        except NotReady:  # stopping or not started: what is dirty stays dirty
+            return
+
+    async def _send_partials() -> None:
         for partition, dirty in list(state.dirty.items()):
             parts = state.parts.get(partition)
             if parts is None or parts.watermark is None:
                 continue
-            state.dirty[partition] = set()
             for scope, minute in sorted(dirty):
+                # Unmarked before sending: a change made while this one is on its way marks
+                # the bucket again, for the next tick.
+                dirty.discard((scope, minute))
                 agg = parts.minutes.get((scope, minute), MinuteAgg())
                 value = {
                     "p": partition, "scope": scope, "minute": minute,
                     "agg": agg.to_json(), "wm": _ms(parts.watermark),
                 }  # fmt: skip
-                await publish(
-                    partials_stream, f"{partition}|{scope}|{minute}".encode(), orjson.dumps(value)
-                )
+                try:
+                    await publish(
+                        partials_stream,
+                        f"{partition}|{scope}|{minute}".encode(),
+                        orjson.dumps(value),
+                    )
+                except NotReady:
+                    dirty.add((scope, minute))
+                    raise
 
     @app.timer(interval)  # type: ignore[untyped-decorator]
     async def emit_snapshots() -> None:
+        if app.should_stop:  # timers can fire while the worker stops
+            return
+        try:
+            await _emit_snapshots()
+        except NotReady:  # stopping or not started: the next tick publishes what changed
+            return
+
+    async def _emit_snapshots() -> None:
         if state.merger is None:
             return
         now = to_utc_millis(clock())

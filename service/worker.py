@@ -544,6 +544,8 @@ def build_worker(
 
     @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def freshness() -> None:
+        if app.should_stop:  # timers can fire while the worker stops
+            return
         now_ms = _ms(clock())
         for channel, watermark in worker.watermarks.items():
             metrics.freshness.labels(channel=channel).set(max(0.0, (now_ms - watermark) / 1000))
@@ -553,6 +555,8 @@ def build_worker(
 
     @app.timer(2.0)  # type: ignore[untyped-decorator]
     async def probe_broker_and_lag() -> None:
+        if app.should_stop:  # timers can fire while the worker stops
+            return
         worker.broker_up = await _broker_answers(app)
         metrics.broker_up.set(1 if worker.broker_up else 0)
         for tp, lag in _lags(app).items():
@@ -560,6 +564,8 @@ def build_worker(
 
     @app.timer(settings.state_scan_interval.total_seconds())  # type: ignore[untyped-decorator]
     async def state_sizes() -> None:
+        if app.should_stop:  # timers can fire while the worker stops
+            return
         for name, table in (
             ("dedup", dedup_table),
             ("identity", worker.identity_table),
