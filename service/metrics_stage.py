@@ -158,12 +158,7 @@ def wire_metrics(
 
     @app.timer(interval)  # type: ignore[untyped-decorator]
     async def send_partials() -> None:
-        if app.should_stop:  # timers can fire while the worker stops
-            return
-        try:
-            await _send_partials()
-        except NotReady:  # stopping or not started: what is dirty stays dirty
-            return
+        await _unless_stopping(app, _send_partials)  # what is dirty stays dirty
 
     async def _send_partials() -> None:
         for partition, dirty in list(state.dirty.items()):
@@ -191,12 +186,7 @@ def wire_metrics(
 
     @app.timer(interval)  # type: ignore[untyped-decorator]
     async def emit_snapshots() -> None:
-        if app.should_stop:  # timers can fire while the worker stops
-            return
-        try:
-            await _emit_snapshots()
-        except NotReady:  # stopping or not started: the next tick publishes what changed
-            return
+        await _unless_stopping(app, _emit_snapshots)  # the next tick publishes what changed
 
     async def _emit_snapshots() -> None:
         if state.merger is None:
@@ -220,6 +210,17 @@ def wire_metrics(
         "merger": app.agent(partials_stream, name="merger")(agent("merger", handle_partial)),
     }
     return state, agents, partials_table
+
+
+async def _unless_stopping(app: faust.App, work: Callable[[], Awaitable[None]]) -> None:
+    """Run a timer's work, unless the worker is stopping or its producer is not (yet) there:
+    timers can fire during a stop, and a crash then would turn a clean exit into exit 1."""
+    if app.should_stop:
+        return
+    try:
+        await work()
+    except NotReady:
+        return
 
 
 def _gauge(gauge: Any, labels: Mapping[str, str], value: float | None) -> None:
