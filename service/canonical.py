@@ -37,6 +37,7 @@ Kind = Literal[
     "return",
 ]
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 UTC_MILLIS_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
 
 
@@ -46,6 +47,16 @@ def to_utc_millis(value: datetime) -> datetime:
         raise ValueError("naive datetimes are not allowed")
     utc = value.astimezone(UTC)
     return utc.replace(microsecond=utc.microsecond - utc.microsecond % 1000)
+
+
+def epoch_ms(moment: datetime) -> int:
+    """Aware datetime -> whole milliseconds since the epoch."""
+    return int((moment - _EPOCH) // timedelta(milliseconds=1))
+
+
+def from_epoch_ms(ms: int) -> datetime:
+    """Milliseconds since the epoch -> aware UTC datetime."""
+    return _EPOCH + timedelta(milliseconds=ms)
 
 
 def format_utc_millis(value: datetime) -> str:

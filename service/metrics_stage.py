@@ -21,18 +21,17 @@ import faust
 import orjson
 from faust.exceptions import NotReady
 
-from service.canonical import Touchpoint, to_utc_millis
+from service.canonical import Touchpoint, epoch_ms, from_epoch_ms, to_utc_millis
 from service.metrics import LONGEST, Scope, Snapshot
 from service.observability import Metrics
 from service.rolling import (
-    EPOCH,
     Merger,
     MinuteAgg,
     PartitionAggregator,
     minute_of,
 )
 from service.settings import Settings
-from service.storage import json_table
+from service.storage import json_table, text_key
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +47,6 @@ def metrics_key(touchpoint: dict[str, Any]) -> bytes:
     if touchpoint["channel"] in ("support", "chat") and thread is not None:
         return f"{touchpoint['channel']}:{thread}".encode()
     return str(touchpoint["event_id"]).encode()
-
-
-def _from_ms(ms: int) -> datetime:
-    return EPOCH + timedelta(milliseconds=ms)
-
-
-def _ms(moment: datetime) -> int:
-    return int((moment - EPOCH) // timedelta(milliseconds=1))
 
 
 @dataclass
@@ -95,7 +86,7 @@ def wire_metrics(
             kept = [
                 Touchpoint.model_validate(event, strict=False)
                 for key, bucket in events_table.items()
-                if (key.decode() if isinstance(key, bytes) else key).startswith(prefix)
+                if text_key(key).startswith(prefix)
                 for event in bucket.values()
             ]
             # Every restored bucket is sent again: what was sent before a crash is unknown.
@@ -109,7 +100,7 @@ def wire_metrics(
             for value in partials_table.values():
                 state.merger.receive(
                     int(value["p"]), value["scope"], int(value["minute"]),
-                    MinuteAgg.from_json(value["agg"]), _from_ms(int(value["wm"])),
+                    MinuteAgg.from_json(value["agg"]), from_epoch_ms(int(value["wm"])),
                 )  # fmt: skip
         return state.merger
 
@@ -142,7 +133,7 @@ def wire_metrics(
         merged = merger()
         merged.receive(
             int(value["p"]), value["scope"], int(value["minute"]),
-            MinuteAgg.from_json(value["agg"]), _from_ms(int(value["wm"])),
+            MinuteAgg.from_json(value["agg"]), from_epoch_ms(int(value["wm"])),
         )  # fmt: skip
         end = merged.window_end
         if end is not None:
@@ -172,7 +163,7 @@ def wire_metrics(
                 agg = parts.minutes.get((scope, minute), MinuteAgg())
                 value = {
                     "p": partition, "scope": scope, "minute": minute,
-                    "agg": agg.to_json(), "wm": _ms(parts.watermark),
+                    "agg": agg.to_json(), "wm": epoch_ms(parts.watermark),
                 }  # fmt: skip
                 try:
                     await publish(

@@ -16,6 +16,11 @@ ROCKSDB_OPTIONS = {
 }
 
 
+def text_key(key: Any) -> str:
+    """A key read back from a raw-keyed table (bytes) -> the string it was written as."""
+    return key.decode() if isinstance(key, bytes) else str(key)
+
+
 def json_table(app: faust.App, name: str, partitions: int) -> Any:
     """A table keyed by strings (stored raw) holding JSON values."""
     schema: faust.Schema[Any, Any] = faust.Schema(key_serializer="raw", value_serializer="json")

@@ -24,7 +24,7 @@ from faust.types.tuples import Message
 from prometheus_client import CollectorRegistry
 
 from service.alerts import alerts_for
-from service.canonical import CHANNELS, IdentityMerge, Normalized, Source
+from service.canonical import CHANNELS, IdentityMerge, Normalized, Source, epoch_ms
 from service.deadletter import deadletter_headers
 from service.dedup import ExpiryIndex, Seen, classify
 from service.forget import FORGET_KEY, forget_command
@@ -37,7 +37,7 @@ from service.observability import Metrics
 from service.parse import Limits, Rejected, parse
 from service.profile import profile
 from service.settings import SecurityProtocol, Settings
-from service.storage import json_table
+from service.storage import json_table, text_key
 from service.timeline import Bounds, Record, absorb, add_event
 from service.topics import Topics
 
@@ -210,7 +210,7 @@ class Worker:
             }
             for key, value in self.dedup_table.items():
                 seen = Seen.from_json(value)
-                event_id = key.decode() if isinstance(key, bytes) else key
+                event_id = text_key(key)
                 if seen.partition == partition:
                     indexes[event_id.partition(":")[0]].restore(event_id, seen)
             self.indexes[partition] = indexes
@@ -372,7 +372,7 @@ def build_worker(
             await publish(worker.deadletter_topic, message.key, message.value, headers)
             metrics.deadletters.labels(channel=channel, reason=outcome.reason).inc()
         else:
-            outcome = outcome.model_copy(update={"received_at_ms": _ms(received)})
+            outcome = outcome.model_copy(update={"received_at_ms": epoch_ms(received)})
             event_id = outcome.touchpoint.event_id.encode()
             await publish(worker.accepted_topic, event_id, outcome.model_dump_json().encode())
 
@@ -383,12 +383,11 @@ def build_worker(
         channel = touchpoint.channel
         index = worker.index_for(message.partition, channel)
         src = touchpoint.source
-        occurred_ms = int(touchpoint.occurred_at.timestamp() * 1000)
+        occurred_ms = epoch_ms(touchpoint.occurred_at)
         index.advance(src.partition, occurred_ms, worker.source_partitions(src.topic))
         for event_id, why in index.expired():
             dedup_table.pop(event_id, None)
             metrics.dedup_evictions.labels(reason=why).inc()
-        metrics.dedup_ids.set(sum(len(i) for p in worker.indexes.values() for i in p.values()))
         ref = (src.topic, src.partition, src.offset)
         current = dedup_table.get(touchpoint.event_id)
         decision = classify(None if current is None else Seen.from_json(current), ref)
@@ -488,7 +487,7 @@ def build_worker(
             await publish(worker.timeline_topic, key.encode(), value)
             await publish(worker.metrics_stream, metrics_key(filed), value)
             if command.get("rx"):
-                seconds = max(0.0, (_ms(clock()) - int(command["rx"])) / 1000)
+                seconds = max(0.0, (epoch_ms(clock()) - int(command["rx"])) / 1000)
                 metrics.latency.labels(channel=touchpoint["channel"]).observe(seconds)
         elif kind == "merge":
             into = str(command["into"])
@@ -546,7 +545,9 @@ def build_worker(
     async def freshness() -> None:
         if app.should_stop:  # timers can fire while the worker stops
             return
-        now_ms = _ms(clock())
+        now_ms = epoch_ms(clock())
+        # Sizes are gauges: refreshed here, off the per-event path.
+        metrics.dedup_ids.set(sum(len(i) for p in worker.indexes.values() for i in p.values()))
         for channel, watermark in worker.watermarks.items():
             metrics.freshness.labels(channel=channel).set(max(0.0, (now_ms - watermark) / 1000))
 
@@ -581,10 +582,6 @@ def build_worker(
         metrics.timeline_entries.set(entries)
 
     return worker
-
-
-def _ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
 
 
 async def _broker_answers(app: faust.App) -> bool:
@@ -646,7 +643,7 @@ class StrKeys(MutableMapping[str, Any]):
 
     def __iter__(self) -> Iterator[str]:
         for key in self.table:
-            yield key.decode() if isinstance(key, bytes) else key
+            yield text_key(key)
 
     def __len__(self) -> int:
         return len(self.table)
