@@ -173,7 +173,15 @@ class IdentityGraph:
             raise ValueError("an event with no identifier has a key of its own (solo_key)")
         members = list(dict.fromkeys(_member(i) for i in identifiers))
         event_cid = next((i.value for i in identifiers if i.kind == "customer_id"), None)
-        roots = list(dict.fromkeys(r for m in members if (r := self.store.get(m)) is not None))
+        # A pointer to a component that is not there is what a crash between the writes of
+        # one link leaves (each key is its own changelog record): that identifier is new again.
+        roots = list(
+            dict.fromkeys(
+                r
+                for m in members
+                if (r := self.store.get(m)) is not None and f"c|{r}" in self.store
+            )
+        )
         cids = {root: self.store[f"c|{root}"]["cid"] for root in roots}
 
         # Which customer_id the result carries: the event's own, else the one the candidates
@@ -186,7 +194,7 @@ class IdentityGraph:
         refused = [root for root in roots if root not in joined]
         # An identifier already owned by a refused customer stays there.
         owned_elsewhere = {m for m in members if self.store.get(m) in refused}
-        new_members = [m for m in members if m not in self.store]
+        new_members = [m for m in members if self.store.get(m) not in roots]
 
         all_members: list[str] = []
         aliases: list[str] = []

@@ -444,3 +444,19 @@ def random_graphs(draw: st.DrawFn) -> list[tuple[str, tuple[Identifier, ...]]]:
 @given(random_graphs())
 def test_random_graphs_any_order(events: list[tuple[str, tuple[Identifier, ...]]]) -> None:
     run_and_check(events)
+
+
+def test_link_heals_a_pointer_left_dangling_by_a_crash() -> None:
+    """Each key is its own changelog record, so a crash can keep an identifier's pointer and
+    lose its component: linking again must rebuild it, never fail."""
+    store: dict[str, Any] = {}
+    graph = IdentityGraph(store)
+    email = Identifier(kind="email", value="e" * 64)
+    visitor = Identifier(kind="visitor_id", value="f" * 64)
+    first = graph.link([email, visitor], "chat:1").key
+    del store[f"c|{first}"]
+    again = graph.link([email, visitor], "chat:1")
+    assert again.key == first
+    assert store[f"c|{first}"]["members"] == sorted(
+        [f"i|email|{'e' * 64}", f"i|visitor_id|{'f' * 64}"]
+    )
