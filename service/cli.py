@@ -1,11 +1,14 @@
-"""`cxpulse` command line: worker, dev, simulate, schemas, dlq replay."""
+"""`cxpulse` command line: worker, dev, simulate, bench, schemas, dlq replay, forget."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -33,7 +36,7 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     import faust
 
     from service.http import ShutdownWatchdog
-    from service.kafka import ensure_topics
+    from service.kafka import ensure_topics, missing_outputs
     from service.logs import logging_config
     from service.worker import build_worker
 
@@ -45,6 +48,14 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.create_topics:
         asyncio.run(ensure_topics(settings))
+    elif missing := asyncio.run(missing_outputs(settings)):
+        # Checked, not discovered later: a send to a missing topic does not fail, it stalls
+        # the whole producer (no commit, hundreds of errors a second) for 20 minutes.
+        print(
+            f"cxpulse: CX_CREATE_TOPICS=false and these topics do not exist: {', '.join(missing)}",
+            file=sys.stderr,
+        )
+        return 2
     faust_worker = faust.Worker(
         worker.app,
         worker.http_service(),
@@ -176,6 +187,36 @@ def cmd_dev(args: argparse.Namespace) -> int:
         print("cxpulse dev stopped", flush=True)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Throughput against a same-run baseline, or a soak -> one JSON document on stdout."""
+    from service.bench import soak, throughput
+    from service.broker import BrokerError, start_broker
+
+    settings = _settings()
+    broker = None
+    if "kafka_bootstrap_servers" in settings.model_fields_set:
+        bootstrap = settings.kafka_bootstrap_servers
+    else:
+        try:
+            broker = start_broker(log_file=Path(tempfile.gettempdir()) / "cxpulse-bench-broker.log")
+        except BrokerError as exc:
+            print(f"cxpulse bench: {exc}", file=sys.stderr)
+            return 1
+        bootstrap = broker.bootstrap
+    try:
+        if args.soak:
+            report = soak(settings, bootstrap, args.rate, parse_duration(args.soak).total_seconds())
+        else:
+            report = throughput(settings, bootstrap, args.events, args.workers)
+    finally:
+        if broker is not None:
+            broker.stop()
+    report["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    report["broker"] = "embedded Tansu" if broker is not None else bootstrap
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxpulse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.add_argument("--check", action="store_true", help="fail if schemas/ has drifted")
     schemas.set_defaults(func=cmd_schemas)
 
+    bench = sub.add_parser("bench", help="throughput against a baseline, or a soak (JSON)")
+    bench.add_argument("--events", type=int, default=200_000, help="messages to preload")
+    bench.add_argument("--workers", type=int, default=1, help="workers to run at once")
+    bench.add_argument("--soak", metavar="DURATION", help="soak for this long instead (e.g. 20m)")
+    bench.add_argument("--rate", type=float, default=50.0, help="soak: messages per second")
+    bench.set_defaults(func=cmd_bench)
     dlq = sub.add_parser("dlq", help="dead-letter tools")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     replay = dlq_sub.add_parser("replay", help="re-publish dead letters to their source topic")

@@ -10,11 +10,14 @@ worker, a dict in tests). Keys in that mapping:
   'i|{kind}|{value}' -> customer key the identifier belongs to
   'c|{key}'          -> {"members": [...], "cid": customer_id or None, "aliases": [...]}
   'a|{old key}'      -> {"to": surviving key, "by": event id of the linking event}
+`FiledKeys` keeps, in the same mapping, the key each recent event was first filed under:
+  'e|{slot}'         -> {"id": event id, "key": customer key, "n": sequence number}
 """
 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,3 +246,68 @@ class IdentityGraph:
         for alias in component["aliases"]:
             self.store.pop(f"a|{alias}", None)
         return Forgotten(current, list(component["aliases"]), len(component["members"]))
+
+
+# How many recent events `FiledKeys` remembers: far more than the identity stage reads and does
+# not commit (about a second of events) before a crash or a rebalance.
+FILED_KEYS_KEPT = 50_000
+
+
+class FiledKeys:
+    """The customer key each of the last `capacity` events was first filed under.
+
+    A replay (what the identity stage had read but not committed when its worker crashed or
+    lost the partition) links nothing new, but a later event may have moved its identifiers
+    to another key since. Filed again under that key, the event would come out twice with two
+    different keys, and the customer stage could count it twice (the merge bringing its first
+    record over may still be on its way). Filed under its first key, it meets its first record
+    (or follows that key's merge) and changes nothing.
+
+    Kept as a ring of `capacity` slots in the mapping (one write per event, no deletes);
+    the in-memory index is rebuilt from the slots after each assignment (`reset`)."""
+
+    def __init__(self, store: MutableMapping[str, Any], capacity: int = FILED_KEYS_KEPT) -> None:
+        self.store = store
+        self.capacity = capacity
+        self._index: OrderedDict[str, tuple[str, int]] | None = None  # id -> (key, n), oldest first
+        self._next = 0
+
+    def reset(self) -> None:
+        """Forget the in-memory index (the partition was revoked): rebuilt at the next use."""
+        self._index = None
+
+    def _loaded(self) -> OrderedDict[str, tuple[str, int]]:
+        if self._index is None:
+            found = [
+                value for slot in range(self.capacity) if (value := self.store.get(f"e|{slot}"))
+            ]
+            found.sort(key=lambda value: int(value["n"]))
+            self._index = OrderedDict((v["id"], (str(v["key"]), int(v["n"]))) for v in found)
+            self._next = int(found[-1]["n"]) + 1 if found else 0
+        return self._index
+
+    def first(self, event_id: str, key: str) -> str:
+        """An event and the key it resolves to now -> the key it was first filed under (this
+        one, remembered, when the event is new)."""
+        index = self._loaded()
+        known = index.get(event_id)
+        if known is not None:
+            return known[0]
+        n = self._next
+        self._next += 1
+        while index:  # the event whose slot this one takes, if still there, is the oldest
+            oldest, (_, seq) = next(iter(index.items()))
+            if seq > n - self.capacity:
+                break
+            del index[oldest]
+        self.store[f"e|{n % self.capacity}"] = {"id": event_id, "key": key, "n": n}
+        index[event_id] = (key, n)
+        return key
+
+    def forget(self, keys: set[str]) -> None:
+        """Drop the events filed under any of `keys` (a forgotten customer and its aliases)."""
+        index = self._loaded()
+        for event_id, (key, n) in list(index.items()):
+            if key in keys:
+                del index[event_id]
+                self.store.pop(f"e|{n % self.capacity}", None)

@@ -73,3 +73,19 @@ async def ensure_topics(settings: Settings) -> list[str]:
         return [topic.name for topic in missing]
     finally:
         await admin.close()
+
+
+async def missing_outputs(settings: Settings) -> list[str]:
+    """The contract topics the worker writes (all but the raw ones) that the cluster lacks."""
+    topics = Topics(settings.topic_prefix)
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+    finally:
+        await admin.close()
+    return [
+        name
+        for name in topics.contract_topics()
+        if name not in topics.raw_topics and name not in existing
+    ]

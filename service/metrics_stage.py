@@ -15,13 +15,14 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import faust
 import orjson
 from faust.exceptions import NotReady
 
 from service.canonical import Touchpoint, epoch_ms, from_epoch_ms, to_utc_millis
+from service.fence import Fenced
 from service.metrics import LONGEST, Scope, Snapshot
 from service.observability import Metrics
 from service.rolling import (
@@ -151,7 +152,20 @@ def wire_metrics(
     async def send_partials() -> None:
         await _unless_stopping(app, _send_partials)  # what is dirty stays dirty
 
+    def restore_assigned() -> None:
+        """Rebuild the state of every assigned partition as soon as its table is recovered,
+        not at its next event: a restarted worker re-sends, publishes and serves its metrics
+        without waiting for new traffic."""
+        if app.rebalancing or not cast(Any, app.tables).recovery.completed.is_set():
+            return
+        for tp in cast(Any, app.assignor).assigned_actives():
+            if tp.topic == stream.get_topic_name():
+                aggregator(tp.partition)
+            elif tp.topic == partials_stream.get_topic_name():
+                merger()
+
     async def _send_partials() -> None:
+        restore_assigned()
         for partition, dirty in list(state.dirty.items()):
             parts = state.parts.get(partition)
             if parts is None or parts.watermark is None:
@@ -210,7 +224,7 @@ async def _unless_stopping(app: faust.App, work: Callable[[], Awaitable[None]]) 
         return
     try:
         await work()
-    except NotReady:
+    except (NotReady, Fenced):  # Fenced: the session expired; the next owner publishes
         return
 
 

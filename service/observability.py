@@ -64,6 +64,13 @@ class Metrics:
             ["stage"],
             registry=registry,
         )
+        self.fenced = Counter(
+            "cxpulse_messages_released",
+            "Messages released unacknowledged because this worker's group session expired "
+            "(paused, starved or cut off) and the group rebalanced: another worker reads them.",
+            ["stage"],
+            registry=registry,
+        )
         self.identity_merges = Counter(
             "cxpulse_identity_merges",
             "Customers merged into another because an event linked their identifiers.",

@@ -222,6 +222,9 @@ class PartitionAggregator:
     seen: dict[str, int] = field(default_factory=dict)  # event id -> its minute
     watermark: datetime | None = None
     late: int = 0
+    # The oldest minute in `seen`: `forget_before` is called per event and scans only when
+    # there is something to drop.
+    oldest: int | None = field(default=None, compare=False, repr=False)
 
     def apply(self, event: Touchpoint) -> set[tuple[Scope, int]]:
         """One accepted event (any copy: each id counts once) -> the (scope, minute) buckets
@@ -234,8 +237,7 @@ class PartitionAggregator:
         ):
             self.late += 1
             return set()
-        self.seen[event.event_id] = minute_of(event.occurred_at)
-        self.watermark = max(self.watermark or event.occurred_at, event.occurred_at)
+        self._see(event)
         changed: set[tuple[Scope, int]] = set()
         key = thread_key(event)
         if key is None:
@@ -262,8 +264,7 @@ class PartitionAggregator:
         for event in events:
             if event.event_id in self.seen:
                 continue
-            self.seen[event.event_id] = minute_of(event.occurred_at)
-            self.watermark = max(self.watermark or event.occurred_at, event.occurred_at)
+            self._see(event)
             key = thread_key(event)
             if key is None:
                 self._contribute(event, Derived(), 1, changed)
@@ -277,9 +278,17 @@ class PartitionAggregator:
                 self._contribute(member, self.derived[member.event_id], 1, changed)
         return changed
 
+    def _see(self, event: Touchpoint) -> None:
+        minute = minute_of(event.occurred_at)
+        self.seen[event.event_id] = minute
+        self.oldest = minute if self.oldest is None else min(self.oldest, minute)
+        self.watermark = max(self.watermark or event.occurred_at, event.occurred_at)
+
     def forget_before(self, minute: int) -> list[int]:
         """Drop what came before `minute` (no window or join can reach it) -> the minutes
         dropped."""
+        if self.oldest is None or self.oldest >= minute:
+            return []
         gone = sorted({m for _, m in self.minutes if m < minute})
         for key in [k for k in self.minutes if k[1] < minute]:
             del self.minutes[key]
@@ -292,6 +301,7 @@ class PartitionAggregator:
                 self.threads[thread_id] = kept
             else:
                 del self.threads[thread_id]
+        self.oldest = min(self.seen.values(), default=None)
         return gone
 
     def _contribute(

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any, cast
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.tables.recovery import Recovery
+
+log = logging.getLogger(__name__)
 
 # Faust's RocksDB defaults (64 MiB write buffers x3, a 2 GiB block cache) are per partition
 # database: with a few dozen of them a worker could grow to gigabytes. These bound each
@@ -25,3 +33,83 @@ def json_table(app: faust.App, name: str, partitions: int) -> Any:
     """A table keyed by strings (stored raw) holding JSON values."""
     schema: faust.Schema[Any, Any] = faust.Schema(key_serializer="raw", value_serializer="json")
     return app.Table(name, partitions=partitions, schema=schema, options=ROCKSDB_OPTIONS)
+
+
+_CLIENT_KWARGS: weakref.WeakKeyDictionary[faust.App, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+async def true_end_offsets(
+    client_kwargs: dict[str, Any], reported: Mapping[Any, int | None], within: float = 10.0
+) -> dict[TopicPartition, int]:
+    """End offsets as a broker reported them -> the real ends, found by reading each partition
+    from its last reported record on. On Apache Kafka that read finds nothing further (one
+    small fetch per partition); the embedded Tansu broker reports the base offset of the last
+    batch + 1, and the read finds the rest of that batch."""
+    ends = {TopicPartition(tp.topic, tp.partition): end or 0 for tp, end in reported.items()}
+    probed = [tp for tp, end in ends.items() if end > 0]
+    if not probed:
+        return ends
+    consumer = AIOKafkaConsumer(
+        **client_kwargs,
+        enable_auto_commit=False,
+        auto_offset_reset="latest",  # a record gone since (compaction): nothing more to find
+        fetch_max_wait_ms=100,
+    )
+    await consumer.start()
+    try:
+        consumer.assign(probed)
+        for tp in probed:
+            consumer.seek(tp, ends[tp] - 1)
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                ends[tp] = max(ends[tp], records[-1].offset + 1)
+            # Done once every partition was read past its last reported record (or had none
+            # left to read) and one more reading found nothing further.
+            if not batches and all([await consumer.position(tp) >= ends[tp] for tp in probed]):
+                break
+    finally:
+        await consumer.stop()
+    return ends
+
+
+class _TrueEnds:
+    """A Faust consumer whose `highwaters` are the real end offsets (`true_end_offsets`)."""
+
+    def __init__(self, consumer: Any, client_kwargs: dict[str, Any]) -> None:
+        self.consumer = consumer
+        self.client_kwargs = client_kwargs
+
+    async def highwaters(self, *tps: Any) -> Mapping[Any, int | None]:
+        reported: Mapping[Any, int | None] = await self.consumer.highwaters(*tps)
+        try:
+            ends = await true_end_offsets(self.client_kwargs, reported)
+        except Exception as exc:  # the reported ends: right on Apache Kafka, short on Tansu
+            log.warning("could not read the changelogs' real end offsets: %r", exc)
+            return reported
+        return {tp: ends[TopicPartition(tp.topic, tp.partition)] for tp in reported}
+
+
+def recover_to_true_ends(app: faust.App, client_kwargs: dict[str, Any]) -> None:
+    """Make table recovery read every changelog to its real end.
+
+    Faust restores a table until the changelog's end offset as ListOffsets reports it. Where
+    that is short (Tansu, see `true_end_offsets`) recovery ended at the first record of the
+    last batch: the rest of that batch, read after the end, stayed in Faust's recovery buffer
+    unapplied (then, at the next rebalance, applied over newer writes). A table rebuilt from
+    its changelog missed its latest writes. Faust's check that local state is not ahead of its
+    changelog compares with the same, now real, ends."""
+    _CLIENT_KWARGS[app] = client_kwargs
+    if getattr(Recovery, "_cx_patched", False):
+        return
+    original = Recovery._build_highwaters
+
+    async def build(self: Recovery, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        kwargs = _CLIENT_KWARGS.get(cast(faust.App, self.app))
+        if kwargs is not None:
+            consumer = _TrueEnds(consumer, kwargs)
+        await original(self, consumer, tps, destination, title)
+
+    setattr(Recovery, "_build_highwaters", build)  # noqa: B010 - monkeypatch on purpose
+    setattr(Recovery, "_cx_patched", True)  # noqa: B010

@@ -1,7 +1,7 @@
 """Customer records: a bounded, newest-first timeline plus the profile state, as one JSON
 dict per customer (one changelog record per update).
 
-Record: {"timeline": [touchpoint JSON, newest first], "profile": profile state,
+Record: {"timeline": [touchpoint JSON as filed, newest first], "profile": profile state,
          "recent": [event ids applied, in arrival order, the last few],
          "absorbed": [keys merged into this one], "aliases": count}
 or, for a key merged away: {"alias_of": surviving key}.
@@ -74,6 +74,13 @@ def add_event(
     updated["profile"] = profiles.apply(current["profile"], touchpoint)
     updated["recent"] = _recent([*recent, event_id], bounds)
     return updated, True
+
+
+def as_filed(record: Record, touchpoint: dict[str, Any]) -> dict[str, Any]:
+    """A touchpoint already on the record -> its entry there, as first filed (under the key it
+    was filed under then). One trimmed off the timeline since is returned as given."""
+    event_id = touchpoint["event_id"]
+    return next((e for e in record["timeline"] if e["event_id"] == event_id), touchpoint)
 
 
 def absorb(record: Record | None, alias: str, other: Record, bounds: Bounds) -> Record:

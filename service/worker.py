@@ -23,22 +23,25 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import Message
 from prometheus_client import CollectorRegistry
 
+from service import delivery
 from service.alerts import alerts_for
 from service.canonical import CHANNELS, IdentityMerge, Normalized, Source, epoch_ms
 from service.deadletter import deadletter_headers
 from service.dedup import ExpiryIndex, Seen, classify
+from service.delivery import mark_handled
+from service.fence import Fenced, SessionFence, register
 from service.forget import FORGET_KEY, forget_command
 from service.http import HttpService, make_web_app
-from service.identity import IdentityGraph
-from service.kafka import ssl_context
+from service.identity import FiledKeys, IdentityGraph
+from service.kafka import kafka_client_kwargs, ssl_context
 from service.metrics_stage import MetricsState, metrics_key, wire_metrics
 from service.normalize import normalize
 from service.observability import Metrics
 from service.parse import Limits, Rejected, parse
 from service.profile import profile
 from service.settings import SecurityProtocol, Settings
-from service.storage import json_table, text_key
-from service.timeline import Bounds, Record, absorb, add_event
+from service.storage import json_table, recover_to_true_ends, text_key
+from service.timeline import Bounds, Record, absorb, add_event, as_filed
 from service.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,10 @@ def ingest_one(
 
 
 _PARTITIONER = DefaultPartitioner()
+# A dead letter carries the original record unchanged, so the producer must take any record the
+# broker accepted on a raw topic: the broker's size limits decide, not a client-side one. (With
+# Faust's default of 1 MB a larger raw record stopped the worker at every restart.)
+MAX_REQUEST_BYTES = 2**31 - 1  # the Kafka protocol's own bound (int32)
 _FETCH_WAIT_MS: weakref.WeakKeyDictionary[faust.App, int] = weakref.WeakKeyDictionary()
 
 
@@ -112,6 +119,9 @@ def _faust_app(settings: Settings) -> faust.App:
     session = settings.kafka_session_timeout.total_seconds()
     app = faust.App(
         settings.consumer_group,
+        # Faust would read unprefixed variables (WEB_PORT, TOPIC_PARTITIONS, ...) over these
+        # arguments: a Kubernetes service named "web" (WEB_PORT=tcp://...) stopped the start.
+        env={},
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
         broker_credentials=_credentials(settings),
         store="rocksdb://",
@@ -126,6 +136,7 @@ def _faust_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         producer_acks=-1,
         producer_linger=0.005,
+        producer_max_request_size=MAX_REQUEST_BYTES,
         consumer_auto_offset_reset="earliest",
         processing_guarantee="at_least_once",
         table_standby_replicas=0,
@@ -171,6 +182,7 @@ class Worker:
     dedup_table: Any
     identity_table: Any
     customers_table: Any
+    fence: SessionFence
     agents: dict[str, faust.types.AgentT[Any]] = field(default_factory=dict)
     metrics_state: MetricsState = field(default_factory=MetricsState)
     partials_table: Any = None
@@ -300,6 +312,7 @@ def build_worker(
     if on_fatal is None:
         on_fatal = exit_now
     _patch_fetch_wait()
+    delivery.install()
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     topics = Topics(settings.topic_prefix)
@@ -307,6 +320,7 @@ def build_worker(
     limits = Limits(settings.max_payload_bytes, settings.max_clock_skew)
     bounds = Bounds(settings.timeline_max_events, settings.timeline_max_age)
     app = _faust_app(settings)
+    recover_to_true_ends(app, kafka_client_kwargs(settings))
 
     worker = Worker(
         settings=settings,
@@ -329,16 +343,24 @@ def build_worker(
         dedup_table=json_table(app, "dedup", settings.partitions),
         identity_table=json_table(app, "identity", 1),
         customers_table=json_table(app, "customers", settings.partitions),
+        fence=SessionFence(settings.kafka_session_timeout.total_seconds()),
     )
+    fence = worker.fence
+    register(settings.consumer_group, fence)
     dedup_table = worker.dedup_table
     customers = worker.customers_table
     graph = IdentityGraph(StrKeys(worker.identity_table))
+    filed_keys = FiledKeys(StrKeys(worker.identity_table))
 
     def on_sent(fut: asyncio.Future[Any]) -> None:
         # A lost output must stop the worker before it commits past the input.
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None:
+            metrics.processing_errors.labels(stage="publish").inc()
             on_fatal("publish", exc)
+
+    def rebalancing() -> bool:
+        return bool(app.rebalancing or app.should_stop)
 
     async def publish(
         topic: faust.TopicT,
@@ -346,14 +368,18 @@ def build_worker(
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
+        if fence.stale():  # possibly replaced: write nothing until confirmed (or released)
+            await fence.wait_current(rebalancing)
         fut: Any = await topic.send(key=key, value=value, headers=headers)
         fut.add_done_callback(on_sent)
 
     def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         worker.assigned_once = True
+        fence.confirm()  # a group just synced: the session is current
 
     def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         worker.indexes.clear()
+        filed_keys.reset()
 
     app.on_partitions_assigned.connect(on_assigned)
     app.on_partitions_revoked.connect(on_revoked)
@@ -371,6 +397,8 @@ def build_worker(
             )
             await publish(worker.deadletter_topic, message.key, message.value, headers)
             metrics.deadletters.labels(channel=channel, reason=outcome.reason).inc()
+            if outcome.reason == "processing_error":
+                metrics.processing_errors.labels(stage="ingest").inc()
         else:
             outcome = outcome.model_copy(update={"received_at_ms": epoch_ms(received)})
             event_id = outcome.touchpoint.event_id.encode()
@@ -416,6 +444,7 @@ def build_worker(
             key = str(document["key"])
             forgotten = graph.forget(key)
             targets = {key} if forgotten is None else {key, forgotten.key, *forgotten.aliases}
+            filed_keys.forget(targets)
             for target in sorted(targets):
                 await to_customer(target, {"t": "forget"})
             metrics.forgotten.inc()
@@ -446,6 +475,10 @@ def build_worker(
             await publish(
                 worker.identity_out, alias.encode(), announcement.model_dump_json().encode()
             )
+        if normalized.identifiers:
+            # A replay goes where the event was first filed, though a link since may have
+            # moved its identifiers: it must not come out again under another key.
+            key = filed_keys.first(touchpoint.event_id, key)
         if key != touchpoint.customer_key:
             touchpoint = touchpoint.model_copy(update={"customer_key": key})
         event = {"t": "event", "tp": touchpoint.model_dump(mode="json")}
@@ -470,21 +503,27 @@ def build_worker(
             return
         if kind == "event":
             touchpoint = command["tp"]
-            record, is_new = add_event(record, touchpoint, bounds)
+            filed = {**touchpoint, "customer_key": key}
+            record, is_new = add_event(record, filed, bounds)
             worker.latest_ms = max(worker.latest_ms, int(record["profile"]["last"] or 0))
             if is_new:
-                customers[key] = record
-                await publish_profile(key, record)
                 # Only a newly filed event alerts: a replay or a re-routed copy never repeats.
-                for alert in alerts_for(touchpoint, key):
+                # So the record is stored after its outputs are sent: should anything before
+                # fail, the replay still finds the event new and sends its profile and alerts.
+                alerts = alerts_for(touchpoint, key)
+                await publish_profile(key, record)
+                for alert in alerts:
                     await publish(
                         worker.alerts_topic, key.encode(), alert.model_dump_json().encode()
                     )
                     metrics.alerts.labels(type=alert.type).inc()
-            # Published again on a replay: the first copy may have been lost in a crash.
-            filed = {**touchpoint, "customer_key": key}
+                customers[key] = record
+            else:
+                # Published again on a replay (the first copy may have been lost in a crash),
+                # as first filed: the record may since have absorbed the key it was filed under.
+                filed = as_filed(record, filed)
             value = orjson.dumps(filed)
-            await publish(worker.timeline_topic, key.encode(), value)
+            await publish(worker.timeline_topic, str(filed["customer_key"]).encode(), value)
             await publish(worker.metrics_stream, metrics_key(filed), value)
             if command.get("rx"):
                 seconds = max(0.0, (epoch_ms(clock()) - int(command["rx"])) / 1000)
@@ -511,8 +550,17 @@ def build_worker(
         async def run(stream: faust.StreamT[bytes]) -> None:
             async for event in stream.events():
                 try:
+                    if fence.stale():
+                        await fence.wait_current(rebalancing)
                     await handle(event.message)
+                    mark_handled(event.message)  # only now may its offset be committed
+                except Fenced:
+                    # Released unacknowledged: its offset is never committed, and whoever
+                    # owns the partition after the rebalance reads it again.
+                    metrics.fenced.labels(stage=stage).inc()
+                    log.warning("session expired: message released", extra={"stage": stage})
                 except Exception as exc:  # every failure ends in on_fatal, never in an ack
+                    metrics.processing_errors.labels(stage=stage).inc()
                     on_fatal(stage, exc)
                     # Never move on: Faust would ack this message and commit past it.
                     await asyncio.Event().wait()

@@ -730,7 +730,9 @@ async def test_identity_forget_removes_customer_and_aliases(
     assert unknown == [("anon-unknown", {"t": "forget"})]
     assert harness.count("cxpulse_customers_forgotten_total") == 2
     graph = harness.graph
-    assert sorted(graph.store) == ["c|anon-z-1", "i|anonymous_id|z-1"]  # only the other one
+    # Only the other one is left: its identifier, its component, the key web:9 was filed under.
+    assert sorted(graph.store) == ["c|anon-z-1", "e|3", "i|anonymous_id|z-1"]
+    assert graph.store["e|3"] == {"id": "web:9", "key": "anon-z-1", "n": 3}
     assert graph.surviving("anon-b-1") is None
     assert graph.surviving("anon-c-1") is None
 
@@ -1158,3 +1160,63 @@ async def test_metrics_partition_counts_each_event_once_and_merger_sums(harness:
     snapshots = {s.key: s for s in state.merger.snapshots(30, NOW)}
     assert snapshots["all/1h"].events == 2
     assert snapshots["web/1h"].events == 0  # only the "all" scope was sent here
+
+
+# --- replays after a crash: filed once, under one key -------------------------------------
+
+
+async def test_identity_replay_goes_to_the_key_the_event_was_first_filed_under(
+    harness: Harness,
+) -> None:
+    """What the identity stage had not committed is read again after a crash. A link read in
+    between moved the first event's identifier to another key: the replay still goes to the
+    key the event was first filed under (where its record is, or whose merge it follows)."""
+    first = linking("web:1", NOW, 0, ident("anonymous_id", "a-9"))
+    sign_in = linking("web:2", NOW, 1, ident("anonymous_id", "a-9"), ident("customer_id", "C7"))
+    async with harness.worker.agents["identity"].test_context() as agent:
+        await feed_identity(agent, b"web:1", first, 0)
+        await feed_identity(agent, b"web:2", sign_in, 1)
+        before = len(harness.customers.sent)
+        await feed_identity(agent, b"web:1", first, 0)  # both read again
+        await feed_identity(agent, b"web:2", sign_in, 1)
+        later = linking("web:3", NOW, 2, ident("anonymous_id", "a-9"))
+        await feed_identity(agent, b"web:3", later, 2)  # a new event: the current key
+
+    replayed = commands(harness.customers)[before:]
+    assert [(key, command["t"]) for key, command in replayed] == [
+        ("anon-a-9", "event"),
+        ("anon-a-9", "merge"),
+        ("C7", "event"),
+        ("C7", "event"),
+    ]
+    assert [event_command(sent)[1].customer_key for sent in (replayed[0], replayed[2])] == [
+        "anon-a-9",
+        "C7",
+    ]
+
+
+async def test_customers_replay_after_a_merge_is_published_as_first_filed(
+    harness: Harness,
+) -> None:
+    """A replayed event whose key merged away since, whether it arrives at the old key (and is
+    re-routed) or at the survivor, is published again exactly as first filed: same key, same
+    bytes, so a consumer deduplicating by event id sees one record."""
+    async with harness.worker.agents["customers"].test_context() as agent:
+        absorb = await merge_setup(agent, harness)
+        await feed_customer(agent, SURVIVOR, absorb, 3)
+        profiles = len(harness.profiles.sent)
+        replay = {"t": "event", "tp": tp_json("chat:1", EARLIER, ALIAS)}
+        await feed_customer(agent, ALIAS, replay, 4)
+        [(key, rerouted)] = commands(harness.customers)[1:]
+        await feed_customer(agent, key, rerouted, 5)
+        rekeyed = {"t": "event", "tp": tp_json("chat:1", EARLIER, SURVIVOR)}
+        await feed_customer(agent, SURVIVOR, rekeyed, 6)
+
+    first = harness.timeline.sent[0]
+    assert first.key == ALIAS.encode()
+    assert harness.timeline.sent[2:] == [first, first]
+    assert [sent.value for sent in harness.metrics.sent[2:]] == [first.value, first.value]
+    assert len(harness.profiles.sent) == profiles  # nothing counted again
+    merged = harness.record(SURVIVOR)
+    assert merged is not None
+    assert merged["profile"]["counts"] == {"web": 1, "chat": 1}

@@ -1,0 +1,287 @@
+"""`cxpulse bench`: end-to-end throughput against a same-run baseline, and a soak.
+
+Throughput: N simulated messages are preloaded into the raw topics of a fresh prefix; a plain
+aiokafka consumer that reads and `orjson.loads` every one of them is timed first (the
+baseline), then K workers start from empty state and are timed until every accepted event is
+on its customer's record (`cxpulse_processing_latency_seconds_count`, summed over workers,
+reaches the accepted count). Soak: one worker under a steady publishing rate, its RSS sampled
+along the way. Results are printed as one JSON document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from service.broker import free_port
+from service.settings import Settings
+from service.simulate import SimMessage, generate, publish, topic_for
+
+FILED = "cxpulse_processing_latency_seconds_count"  # one per event filed on a record
+CHANNELS = ("web", "chat", "support", "store")
+
+
+@dataclass
+class BenchWorker:
+    """`python -m service worker` in a child process, with its own port and state."""
+
+    process: subprocess.Popen[bytes]
+    http_port: int
+    log: IO[bytes]
+
+    @classmethod
+    def start(cls, env: dict[str, str], directory: Path, name: str) -> BenchWorker:
+        port = free_port()
+        log = (directory / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "worker"],
+            env={
+                **env,
+                "CX_HTTP_PORT": str(port),
+                "CX_HTTP_HOST": "127.0.0.1",
+                "CX_HTTP_ADVERTISED_URL": f"http://127.0.0.1:{port}",
+                "CX_DATA_DIR": str(directory / name),
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return cls(process, port, log)
+
+    def scrape(self) -> dict[str, float]:
+        """/metrics -> sample name (with labels) -> value; empty while it cannot answer."""
+        try:
+            url = f"http://127.0.0.1:{self.http_port}/metrics"
+            with urllib.request.urlopen(url, timeout=30) as response:
+                body = response.read().decode()
+        except OSError:
+            return {}
+        samples: dict[str, float] = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def filed(self) -> float:
+        return sum(v for k, v in self.scrape().items() if k.split("{")[0] == FILED)
+
+    def rss_mb(self) -> float:
+        return _status_kb(self.process.pid, "VmRSS") / 1024
+
+    def peak_rss_mb(self) -> float:
+        return _status_kb(self.process.pid, "VmHWM") / 1024
+
+    def stop(self) -> int:
+        self.process.terminate()
+        try:
+            code = self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.log.close()
+        return code
+
+
+def _status_kb(pid: int, field: str) -> float:
+    """A kB field of /proc/{pid}/status (0 where there is no /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+def worker_env(bootstrap: str, prefix: str) -> dict[str, str]:
+    """The environment of a bench worker: this one's, less any CX_ setting, plus the run's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CX_")}
+    env.update(
+        CX_KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        CX_TOPIC_PREFIX=prefix,
+        CX_PII_KEY="cxpulse-bench-key-0123456789",
+        CX_KAFKA_SESSION_TIMEOUT="6s",
+        CX_KAFKA_REBALANCE_TIMEOUT="5s",
+        CX_RECOVERY_CONSISTENCY_CHECK="false",
+        CX_LOG_LEVEL="warning",
+    )
+    return env
+
+
+def messages(count: int, seed: int, span: timedelta) -> list[SimMessage]:
+    """Realistic simulated traffic (about 2 % duplicates, 1 % bad), ending now."""
+    now = datetime.now(UTC)
+    return list(
+        generate(count, customers=max(100, count // 6), seed=seed, now=now, span=span,
+                 dup_share=0.02, bad_share=0.01)
+    )  # fmt: skip
+
+
+async def baseline(bootstrap: str, prefix: str, count: int) -> dict[str, float]:
+    """A plain aiokafka consumer: read `count` raw messages and orjson.loads each -> timing."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        *(topic_for(prefix, c) for c in CHANNELS),  # type: ignore[arg-type]
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=100,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    read = 0
+    first = time.monotonic()
+    try:
+        deadline = time.monotonic() + 600
+        while read < count and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            for records in batches.values():
+                if read == 0:
+                    first = time.monotonic()
+                for record in records:
+                    with contextlib.suppress(orjson.JSONDecodeError):  # the bad share
+                        orjson.loads(record.value or b"")
+                read += len(records)
+    finally:
+        await consumer.stop()
+    seconds = time.monotonic() - first
+    return {"events": read, "seconds": round(seconds, 3), "events_per_s": round(read / seconds)}
+
+
+def _wait(workers: list[BenchWorker], target: float, within: float) -> float:
+    """Poll the workers until their filed events add up to `target` -> seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if sum(w.filed() for w in workers) >= target:
+            return time.monotonic() - started
+        for w in workers:
+            if w.process.poll() is not None:
+                raise RuntimeError(f"a bench worker exited with {w.process.returncode}")
+        time.sleep(0.25)
+    raise TimeoutError(f"not all {target:.0f} events filed within {within:.0f}s")
+
+
+def _ready(workers: list[BenchWorker], within: float = 120.0) -> None:
+    deadline = time.monotonic() + within
+    for w in workers:
+        while time.monotonic() < deadline:
+            try:
+                url = f"http://127.0.0.1:{w.http_port}/readyz"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise TimeoutError("bench worker not ready")
+
+
+def throughput(
+    settings: Settings, bootstrap: str, count: int, workers: int, seed: int = 8
+) -> dict[str, Any]:
+    """Preload `count` messages, time the baseline, then `workers` workers -> the report."""
+    prefix = f"bench{int(time.time())}"
+    batch = messages(count, seed, timedelta(days=3))
+    accepted = len({m.event_id for m in batch if m.kind != "bad"})
+    published_at = time.monotonic()
+    run_settings = settings.model_copy(
+        update={"kafka_bootstrap_servers": bootstrap, "topic_prefix": prefix}
+    )
+    asyncio.run(publish(run_settings, batch))
+    preload = time.monotonic() - published_at
+    base = asyncio.run(baseline(bootstrap, prefix, len(batch)))
+    with tempfile.TemporaryDirectory(prefix="cxpulse-bench-") as tmp:
+        env = worker_env(bootstrap, prefix)
+        started = [BenchWorker.start(env, Path(tmp), f"w{n}") for n in range(workers)]
+        try:
+            _ready(started)
+            seconds = _wait(started, accepted, within=max(600.0, count / 20))
+            peak = max(w.peak_rss_mb() for w in started)
+        finally:
+            codes = [w.stop() for w in started]
+    rate = accepted / seconds
+    return {
+        "mode": "throughput",
+        "messages": len(batch),
+        "events": accepted,
+        "workers": workers,
+        "preload_seconds": round(preload, 2),
+        "seconds": round(seconds, 2),
+        "events_per_s": round(rate, 1),
+        "peak_rss_mb": round(peak, 1),
+        "baseline": base,
+        "ratio_to_baseline": round(rate / base["events_per_s"], 6),
+        "exit_codes": codes,
+        "measured_from": "workers ready (state empty, all input preloaded)",
+        "measured_to": "every accepted event filed on its customer's record",
+    }
+
+
+def _steady(rate: float, seconds: float, seed: int) -> Iterator[SimMessage]:
+    yield from messages(int(rate * seconds), seed, timedelta(hours=24))
+
+
+def soak(
+    settings: Settings, bootstrap: str, rate: float, seconds: float, every: float = 30.0
+) -> dict[str, Any]:
+    """One worker under `rate` messages/s for `seconds` -> RSS samples and the totals."""
+    prefix = f"soak{int(time.time())}"
+    run_settings = settings.model_copy(
+        update={"kafka_bootstrap_servers": bootstrap, "topic_prefix": prefix}
+    )
+    batch = list(_steady(rate, seconds, seed=12))
+    accepted = len({m.event_id for m in batch if m.kind != "bad"})
+    samples: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="cxpulse-soak-") as tmp:
+        worker = BenchWorker.start(worker_env(bootstrap, prefix), Path(tmp), "soak")
+        try:
+            _ready([worker])
+            started = time.monotonic()
+
+            async def sample() -> None:
+                while True:
+                    samples.append(
+                        {"t": round(time.monotonic() - started, 1), "rss_mb": worker.rss_mb()}
+                    )
+                    await asyncio.sleep(every)
+
+            async def run() -> None:
+                task = asyncio.create_task(sample())
+                try:
+                    await publish(run_settings, batch, rate=rate)
+                finally:
+                    task.cancel()
+
+            asyncio.run(run())
+            lag = _wait([worker], accepted, within=600.0)
+            samples.append({"t": round(time.monotonic() - started, 1), "rss_mb": worker.rss_mb()})
+            peak = worker.peak_rss_mb()
+        finally:
+            code = worker.stop()
+    rss = [s["rss_mb"] for s in samples]
+    return {
+        "mode": "soak",
+        "rate": rate,
+        "seconds": seconds,
+        "messages": len(batch),
+        "events": accepted,
+        "caught_up_after_publishing_s": round(lag, 1),
+        "rss_mb": {"start": rss[0], "middle": rss[len(rss) // 2], "end": rss[-1], "peak": peak},
+        "samples": samples,
+        "exit_code": code,
+    }

@@ -1,0 +1,38 @@
+"""`cxpulse bench`: a small throughput run completes and prints the report as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from service.broker import EmbeddedBroker
+
+pytestmark = pytest.mark.kafka
+
+
+def test_bench_prints_a_json_report(broker: EmbeddedBroker) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CX_")}
+    env["CX_KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "bench", "--events", "1500"],
+        env=env,
+        capture_output=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    report = json.loads(done.stdout)
+    assert report["mode"] == "throughput"
+    assert report["messages"] == 1500
+    assert 0 < report["events"] <= 1500
+    assert report["events_per_s"] > 0
+    assert report["baseline"]["events"] == 1500
+    assert report["ratio_to_baseline"] == pytest.approx(
+        report["events_per_s"] / report["baseline"]["events_per_s"], rel=0.01, abs=1e-6
+    )
+    assert report["exit_codes"] == [0]
+    assert report["peak_rss_mb"] > 0

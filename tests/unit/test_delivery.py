@@ -1,0 +1,148 @@
+"""Unit tier: the commit rule of `service.delivery` (a commit never passes an offset that no
+stage finished) and its acknowledgement guard."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from faust.types.tuples import TP, Message
+from intervaltree import IntervalTree
+
+from service import delivery
+from service.delivery import _new_offset, mark_handled
+
+pytestmark = pytest.mark.unit
+
+PART = TP("cx.raw.web", 0)
+
+
+class FakeConsumer:
+    """The bookkeeping `Consumer._new_offset` reads, as Faust keeps it."""
+
+    def __init__(self, committed: int | None = None, acked: list[int] | None = None) -> None:
+        self._acked: defaultdict[Any, list[int]] = defaultdict(list)
+        self._acked_index: defaultdict[Any, set[int]] = defaultdict(set)
+        self._gap: defaultdict[Any, IntervalTree] = defaultdict(IntervalTree)
+        self._committed_offset: defaultdict[Any, int | None] = defaultdict(lambda: None)
+        self._committed_offset[PART] = committed
+        for offset in acked or []:
+            self._acked[PART].append(offset)
+            self._acked_index[PART].add(offset)
+
+    def new_offset(self) -> int | None:
+        return _new_offset(self, PART)  # type: ignore[arg-type]
+
+
+def test_commits_the_run_that_starts_at_the_committed_offset() -> None:
+    consumer = FakeConsumer(committed=5, acked=[7, 5, 6, 9])
+    assert consumer.new_offset() == 8
+    assert consumer._acked[PART] == [9]  # waits for 8
+
+
+def test_a_gap_at_the_head_commits_nothing() -> None:
+    """Faust itself would commit 8 here (a gap of one is tolerated): offset 5 would be lost."""
+    consumer = FakeConsumer(committed=5, acked=[6, 7])
+    assert consumer.new_offset() is None
+    assert consumer._acked[PART] == [6, 7]  # kept for when 5 is done
+
+
+def test_no_committed_offset_uses_where_reading_started() -> None:
+    consumer = FakeConsumer(committed=None, acked=[7, 8])
+    delivery._STARTS[consumer] = {(PART.topic, PART.partition): 0}
+    assert consumer.new_offset() is None  # 0..6 are not done: Faust would commit 9
+    consumer._acked[PART].extend(range(7))
+    assert consumer.new_offset() == 9
+
+
+def test_offsets_read_again_below_the_commit_are_dropped() -> None:
+    consumer = FakeConsumer(committed=10, acked=[8, 9, 10, 11])
+    assert consumer.new_offset() == 12
+    assert consumer._acked[PART] == []
+
+
+def test_known_gaps_are_filled() -> None:
+    """Offsets the consumer knows hold no message (transaction markers) do not block."""
+    consumer = FakeConsumer(committed=5, acked=[5, 8])
+    consumer._gap[PART].addi(6, 8)
+    assert consumer.new_offset() == 9
+
+
+def _message(offset: int) -> Message:
+    return Message(
+        topic=PART.topic, partition=PART.partition, offset=offset, timestamp=0.0,
+        timestamp_type=0, headers=[], key=None, value=b"{}", checksum=None,
+    )  # fmt: skip
+
+
+class SeekingConsumer:
+    """What a released message needs of the consumer: its commits, assignment and seek."""
+
+    def __init__(self, committed: int | None) -> None:
+        self._committed_offset = {PART: committed}
+        self.seeks: list[tuple[TP, int]] = []
+
+    def assignment(self) -> set[TP]:
+        return {PART}
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+class FakeApp:
+    def __init__(self, consumer: SeekingConsumer) -> None:
+        self.consumer = consumer
+
+
+class FakeEvent:
+    def __init__(self, message: Message, consumer: SeekingConsumer) -> None:
+        self.message = message
+        self.app = FakeApp(consumer)
+
+
+async def test_an_unhandled_message_is_released_and_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    acks: list[int] = []
+    monkeypatch.setattr(Message, "ack", lambda self, consumer: acks.append(self.offset) or True)
+    consumer = SeekingConsumer(committed=1)
+    old, skipped, later, handled = _message(0), _message(3), _message(4), _message(5)
+    mark_handled(handled)
+    assert delivery._ack(FakeEvent(skipped, consumer)) is False  # type: ignore[arg-type]
+    assert skipped.acked  # a rebalance does not wait for it
+    assert delivery._ack(FakeEvent(later, consumer)) is False  # type: ignore[arg-type]
+    assert delivery._ack(FakeEvent(old, consumer)) is False  # type: ignore[arg-type]
+    assert delivery._ack(FakeEvent(handled, consumer)) is True  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert acks == [5]
+    assert consumer.seeks == [(PART, 3)]  # once, to the earliest; 0 is committed already
+
+
+async def test_a_partition_whose_commit_waits_is_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Later offsets are done, the committed one never comes (Faust dropped it at fetch time):
+    after REREAD_AFTER seconds the partition is read again from it, once per wait."""
+    clock = [1000.0]
+    monkeypatch.setattr(delivery.time, "monotonic", lambda: clock[0])
+    consumer = FakeConsumer(committed=5, acked=[7, 8])
+    seeks: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        seeks.append((tp, offset))
+
+    consumer.assignment = lambda: {PART}  # type: ignore[attr-defined]
+    consumer.seek = seek  # type: ignore[attr-defined]
+    assert consumer.new_offset() is None
+    clock[0] += delivery.REREAD_AFTER / 2
+    assert consumer.new_offset() is None
+    await asyncio.sleep(0)
+    assert seeks == []
+    clock[0] += delivery.REREAD_AFTER
+    assert consumer.new_offset() is None
+    await asyncio.sleep(0)
+    assert seeks == [(PART, 5)]
+    consumer._acked[PART].extend([5, 6])  # read again and handled
+    assert consumer.new_offset() == 9
