@@ -68,15 +68,10 @@ class BenchWorker:
                 body = response.read().decode()
         except OSError:
             return {}
-        samples: dict[str, float] = {}
-        for line in body.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return parse_metrics(body)
 
     def filed(self) -> float:
-        return sum(v for k, v in self.scrape().items() if k.split("{")[0] == FILED)
+        return total(self.scrape(), FILED)
 
     def rss_mb(self) -> float:
         return _status_kb(self.process.pid, "VmRSS") / 1024
@@ -93,6 +88,21 @@ class BenchWorker:
             code = self.process.wait()
         self.log.close()
         return code
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} for every sample."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], name: str) -> float:
+    """Sum of every sample of one metric name, across labels."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
 def _status_kb(pid: int, field: str) -> float:

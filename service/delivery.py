@@ -2,15 +2,19 @@
 
 Faust's stream skips a message it reads while a rebalance is under way, or from an earlier
 generation, and *acknowledges* it: its offset is then committed though no stage handled it.
-Its commit logic also tolerates a gap at the head of the acknowledged offsets when nothing was
-committed yet (or 0), and aiokafka does not seek a partition whose committed offset is 0 or
-absent, so a message fetched and skipped there is never read again. Together, a rebalance could
-lose messages. With these guards:
+Its consumer drops records it fetched when a rebalance begins (the position moves on all the
+same) and takes the offsets it then sees skipped for empty (transaction markers), committing
+past them. Its commit logic tolerates a gap at the head of the acknowledged offsets, and
+aiokafka does not seek a partition whose committed offset is 0 or absent, so a message fetched
+and dropped there is never read again. Together, a rebalance could lose messages. With these
+guards:
 
 - only a message a stage finished is acknowledged (`mark_handled`); any other is released
   unacknowledged, to be read again from the committed offset after the rebalance;
 - an offset is committed only when every offset from the committed position up to it was
-  acknowledged;
+  acknowledged; where one is missing while later ones are done, the partition is read again
+  from it, and only offsets that several readings over a minute never bring are taken for
+  empty (`_behind`);
 - after every assignment each partition is positioned at its committed offset, or at its
   beginning when it has none, and a message released after that is sought back to, so that
   whatever was released is read again.
@@ -22,6 +26,8 @@ import asyncio
 import logging
 import time
 import weakref
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import faust.streams
@@ -37,10 +43,11 @@ _HANDLED: weakref.WeakSet[Message] = weakref.WeakSet()
 # consumer -> partition -> the earliest released offset a seek is on its way to
 _PENDING: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
 _TASKS: set[asyncio.Future[None]] = set()
-# (consumer, partition) -> (the offset its commit waits for, since when)
-_WAITING: dict[tuple[int, Any], tuple[int, float]] = {}
+_WAITING: dict[tuple[int, Any], _Wait] = {}  # (consumer, partition) -> its commit's wait
 # Later offsets handled while an earlier one is not, for this long: it will not come by itself.
 REREAD_AFTER = 3.0
+# Offsets that this many readings over this long never bring hold no message.
+GAP_REREADS, GAP_AFTER = 3, 60.0
 # consumer -> partition -> the first offset it will read when it has no committed offset
 _STARTS: weakref.WeakKeyDictionary[Any, dict[Any, int]] = weakref.WeakKeyDictionary()
 
@@ -58,6 +65,14 @@ def install() -> None:
     # Faust's compiled stream iterator acknowledges inline, past Event.ack: use the Python one.
     setattr(faust.streams, "_CStreamIterator", None)  # noqa: B010
     setattr(Consumer, "_new_offset", _new_offset)  # noqa: B010
+    setattr(Consumer, "_add_gap", _no_gap)  # noqa: B010
+    consumer_init = Consumer.__init__
+
+    def init(self: Consumer, *args: Any, **kwargs: Any) -> None:
+        consumer_init(self, *args, **kwargs)
+        self._read_offset = _ReadOffsets()
+
+    setattr(Consumer, "__init__", init)  # noqa: B010
     thread = faust_aiokafka.AIOKafkaConsumerThread
 
     async def seek_to_committed(self: Any) -> Any:
@@ -86,6 +101,36 @@ async def _seek_to_committed(thread: Any) -> Any:
     return committed
 
 
+class _ReadOffsets(defaultdict[Any, int | None]):
+    """Faust's last read offset per partition, which it drops any message below. A message
+    read again after a seek back (`_read_again`) can come after Faust has read past it from a
+    batch fetched before the seek: below a partition's floor nothing is dropped, until the
+    message at the floor itself has been read."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: None)
+        self.floors: dict[Any, int] = {}
+
+    def __getitem__(self, tp: Any) -> int | None:
+        value = super().__getitem__(tp)
+        floor = self.floors.get(tp)
+        return value if floor is None or value is None else min(value, floor)
+
+    def __setitem__(self, tp: Any, offset: int | None) -> None:
+        if offset is not None and self.floors.get(tp) == offset:
+            del self.floors[tp]
+        super().__setitem__(tp, offset)
+
+    def pop(self, tp: Any, *default: Any) -> Any:
+        self.floors.pop(tp, None)
+        return super().pop(tp, *default)
+
+
+async def _no_gap(self: Consumer, tp: Any, offset_from: int, offset_to: int) -> None:
+    """Faust takes offsets skipped between two delivered messages for empty and commits past
+    them; they may be messages it fetched and dropped. `_behind` decides instead."""
+
+
 def _key(tp: Any) -> tuple[str, int]:
     return (tp.topic, tp.partition)
 
@@ -97,7 +142,7 @@ def _ack(self: Event) -> bool:
     # Released: marked done so that a rebalance does not wait for it, but its offset is not
     # acknowledged and never committed.
     message.acked = True
-    log.info(
+    log.debug(  # routine around a rebalance: Faust skips what it had buffered
         "message released unacknowledged",
         extra={"topic": message.topic, "partition": message.partition, "offset": message.offset,
                "generation": message.generation_id},
@@ -117,6 +162,9 @@ def _read_again(consumer: Any, tp: Any, offset: int) -> None:
     if tp in pending and pending[tp] <= offset:
         return  # a seek to an earlier offset is on its way
     pending[tp] = offset
+    floors = getattr(consumer._read_offset, "floors", None)
+    if floors is not None:
+        floors[tp] = min(offset, floors.get(tp, offset))
 
     async def seek() -> None:
         target = pending.pop(tp, offset)
@@ -136,24 +184,14 @@ def _new_offset(self: Consumer, tp: Any) -> int | None:
     acked: list[int] = self._acked[tp]
     if not acked:
         return None
-    gaps = self._gap[tp]  # offsets known to hold no message (e.g. transaction markers)
-    if gaps:
-        filled = [
-            offset
-            for interval in sorted(gaps.overlap(0, max(acked)), key=lambda i: i.begin)
-            for offset in range(interval.begin, interval.end)
-        ]
-        if filled:
-            acked.extend(filled)
-            gaps.chop(0, max(filled[-1], max(acked)) + 1)
     acked[:] = sorted(set(acked))
     committed = self._committed_offset[tp]
     expected = committed or _STARTS.get(self, {}).get(_key(tp))
     if expected is not None:
         del acked[: sum(1 for offset in acked if offset < expected)]  # read again: done
+        if acked and acked[0] != expected:
+            _behind(self, tp, expected, acked)
         if not acked or acked[0] != expected:
-            if acked:
-                _behind(self, tp, expected, acked[0])
             return None
     batch = list(next(consecutive_numbers(acked)))
     del acked[: len(batch)]
@@ -161,24 +199,37 @@ def _new_offset(self: Consumer, tp: Any) -> int | None:
     return batch[-1] + 1
 
 
-def _behind(consumer: Any, tp: Any, expected: int, next_handled: int) -> None:
-    """The commit of `tp` waits at `expected` while later offsets are done. Faust also drops
-    records it fetched for a partition it had not resumed yet (the position moves on all the
-    same): if the wait lasts, read the partition again from `expected`."""
+@dataclass
+class _Wait:
+    """A commit waiting at one offset while later offsets are done."""
+
+    offset: int
+    since: float
+    last_read: float
+    rereads: int = 0
+
+
+def _behind(consumer: Any, tp: Any, expected: int, acked: list[int]) -> None:
+    """The commit of `tp` waits at `expected` while later offsets are done: the records in
+    between were fetched and dropped (Faust drops what it fetched while a rebalance began,
+    the position moving on all the same), or hold no message (a transaction marker of an
+    upstream producer). Read the partition again from `expected`; only when several readings
+    over `GAP_AFTER` seconds never bring it, take the offsets for empty and commit past them
+    (by extending `acked`)."""
     now = time.monotonic()
     key = (id(consumer), tp)
-    waiting = _WAITING.get(key)
-    if waiting is None or waiting[0] != expected:
-        _WAITING[key] = (expected, now)
-        log.info(
-            "commit waits for a message not yet handled",
-            extra={"topic": tp.topic, "partition": tp.partition, "offset": expected,
-                   "next_handled": next_handled},
-        )  # fmt: skip
-    elif now - waiting[1] > REREAD_AFTER:
-        _WAITING[key] = (expected, now)
-        log.warning(
-            "reading a partition again from a message it skipped",
-            extra={"topic": tp.topic, "partition": tp.partition, "offset": expected},
-        )
+    wait = _WAITING.get(key)
+    where = {"topic": tp.topic, "partition": tp.partition, "offset": expected}
+    if wait is None or wait.offset != expected:
+        _WAITING[key] = _Wait(expected, now, now)
+        log.info("commit waits for a message not yet handled", extra=where)
+    elif now - wait.last_read > REREAD_AFTER:
+        if wait.rereads >= GAP_REREADS and now - wait.since > GAP_AFTER:
+            log.warning("no message at these offsets: committing past them",
+                        extra={**where, "up_to": acked[0]})  # fmt: skip
+            acked[:0] = range(expected, acked[0])
+            del _WAITING[key]
+            return
+        wait.last_read, wait.rereads = now, wait.rereads + 1
+        log.warning("reading a partition again from a message it skipped", extra=where)
         _read_again(consumer, tp, expected)

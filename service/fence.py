@@ -4,9 +4,10 @@ A consumer that has not had a heartbeat answered for longer than the group's ses
 (the process was paused, starved or cut off from the broker) may have been evicted, and its
 partitions handed to another worker. Whatever it then writes (outputs, changelog records)
 would interleave with its successor's. So until a heartbeat is answered again, or the group
-rebalances, it neither takes another message nor publishes anything; if the group rebalances,
-the message it holds is released unacknowledged (its offset is never committed, and whoever
-owns the partition next reads it again).
+rebalances, it neither takes another message nor publishes anything, and a table write in a
+message it was handling when it froze is refused (`Fenced`); the message it holds is released
+unacknowledged (its offset is never committed, and it is read again, by this worker or the
+partition's next owner).
 
 What this cannot stop, without Kafka transactions: records already handed to the producer
 before the pause (at most a linger's worth, 5 ms) are sent when the process resumes.
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka.consumer.group_coordinator import GroupCoordinator
+from faust.tables.base import Collection
 
 
 class Fenced(Exception):
@@ -56,14 +58,29 @@ class SessionFence:
             await asyncio.sleep(poll)
 
 
+# app -> its fence, for the table writes
+_APP_FENCES: weakref.WeakKeyDictionary[Any, SessionFence] = weakref.WeakKeyDictionary()
 # group id -> the fence of the worker consuming in that group (one worker per process; the
 # registry is weak so that apps built in tests leave nothing behind)
 _FENCES: weakref.WeakValueDictionary[str, SessionFence] = weakref.WeakValueDictionary()
 
 
-def register(group_id: str, fence: SessionFence) -> None:
-    """Have heartbeats answered for `group_id` confirm `fence`."""
+def register(app: Any, group_id: str, fence: SessionFence) -> None:
+    """Have heartbeats answered for `group_id` confirm `fence`, and refuse `app`'s table
+    writes while it is stale (`Fenced`, raised before the store or its changelog changes)."""
     _FENCES[group_id] = fence
+    _APP_FENCES[app] = fence
+    if not getattr(Collection, "_cx_fenced", False):
+        send_changelog = Collection.send_changelog
+
+        def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+            found = _APP_FENCES.get(self.app)
+            if found is not None and found.stale():
+                raise Fenced("session expired: table write refused")
+            return send_changelog(self, *args, **kwargs)
+
+        setattr(Collection, "send_changelog", guarded)  # noqa: B010 - monkeypatch on purpose
+        setattr(Collection, "_cx_fenced", True)  # noqa: B010
     if getattr(GroupCoordinator, "_cx_fenced", False):
         return
     original = GroupCoordinator._do_heartbeat

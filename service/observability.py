@@ -64,7 +64,7 @@ class Metrics:
             ["stage"],
             registry=registry,
         )
-        self.fenced = Counter(
+        self.released = Counter(
             "cxpulse_messages_released",
             "Messages released unacknowledged because this worker's group session expired "
             "(paused, starved or cut off) and the group rebalanced: another worker reads them.",

@@ -346,7 +346,7 @@ def build_worker(
         fence=SessionFence(settings.kafka_session_timeout.total_seconds()),
     )
     fence = worker.fence
-    register(settings.consumer_group, fence)
+    register(app, settings.consumer_group, fence)
     dedup_table = worker.dedup_table
     customers = worker.customers_table
     graph = IdentityGraph(StrKeys(worker.identity_table))
@@ -557,7 +557,7 @@ def build_worker(
                 except Fenced:
                     # Released unacknowledged: its offset is never committed, and whoever
                     # owns the partition after the rebalance reads it again.
-                    metrics.fenced.labels(stage=stage).inc()
+                    metrics.released.labels(stage=stage).inc()
                     log.warning("session expired: message released", extra={"stage": stage})
                 except Exception as exc:  # every failure ends in on_fatal, never in an ack
                     metrics.processing_errors.labels(stage=stage).inc()

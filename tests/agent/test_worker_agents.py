@@ -1220,3 +1220,31 @@ async def test_customers_replay_after_a_merge_is_published_as_first_filed(
     merged = harness.record(SURVIVOR)
     assert merged is not None
     assert merged["profile"]["counts"] == {"web": 1, "chat": 1}
+
+
+# --- a worker whose group session expired -------------------------------------------------
+
+
+async def test_stale_session_releases_the_message_unhandled_on_a_rebalance(
+    harness: Harness,
+) -> None:
+    """Not confirmed by the coordinator for longer than the session: the stage does not touch
+    the message; once the group rebalances it is released, unacknowledged and unpublished."""
+    fence = harness.worker.fence
+    fence.confirm()
+    fence.confirmed_at = (fence.confirmed_at or 0.0) - 2 * fence.session_timeout
+    harness.worker.app.rebalancing = True
+    async with harness.worker.agents["ingest"].test_context() as agent:
+        message = build_message(agent, "cx.raw.web", b"k", raw_event("web", "w-1"), 0, 0)
+        await put_message(agent, message)
+    assert harness.accepted.sent == []
+    assert harness.count("cxpulse_messages_consumed_total", channel="web") == 0
+    assert harness.count("cxpulse_messages_released_total", stage="ingest") == 1
+    assert harness.fatal == []
+
+    harness.worker.app.rebalancing = False
+    fence.confirm()  # a heartbeat answered: the stage goes on as usual
+    async with harness.worker.agents["ingest"].test_context() as agent:
+        await feed(agent, "cx.raw.web", b"k", raw_event("web", "w-1"), 0, 0)
+    [accepted] = harness.accepted.sent
+    assert accepted.key == b"web:w-1"

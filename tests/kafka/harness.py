@@ -18,6 +18,8 @@ from typing import IO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
+from service.bench import parse_metrics as parse_metrics  # the tests import these from here
+from service.bench import total as total
 from service.broker import EmbeddedBroker, free_port
 from service.simulate import SimMessage, topic_for
 
@@ -131,21 +133,6 @@ class WorkerProcess:
         if not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} for every sample."""
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def total(samples: dict[str, float], name: str) -> float:
-    """Sum of every sample of one metric name, across labels."""
-    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
 async def publish(bootstrap: str, prefix: str, messages: Iterable[SimMessage]) -> int:

@@ -8,13 +8,14 @@ import socket
 import struct
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from aiokafka.protocol import produce
 
-from service.broker import free_port
+from service.broker import EmbeddedBroker, free_port, start_broker
 
 _PRODUCE, _METADATA = 0, 3  # Kafka API keys
 _TOPIC_AUTHORIZATION_FAILED = 29
@@ -378,3 +379,30 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+# aiokafka's default client id ("aiokafka-<version>"): the tests' own publishers and readers.
+# The worker's clients are Faust's ("faust-<version>"), so only they suffer the faults.
+SPARED = ("aiokafka-",)
+
+
+@dataclass
+class Proxied:
+    """A broker of a test module's own, advertised at a proxy in front of it."""
+
+    proxy: TcpProxy
+    broker: EmbeddedBroker  # as the worker sees it: through the proxy
+    direct: str  # the broker's own address, for the test's clients
+
+
+@contextlib.contextmanager
+def proxied_broker(log_file: Path, auto_create: bool = True) -> Iterator[Proxied]:
+    """Start a broker behind a `TcpProxy` that spares the tests' own clients (faults must not
+    reach other tests, hence a broker of its own)."""
+    port = free_port()
+    with TcpProxy(port, spare=SPARED, auto_create=auto_create) as proxy:
+        running = start_broker(port, log_file=log_file, advertised_port=proxy.port)
+        try:
+            yield Proxied(proxy, EmbeddedBroker(proxy.port, running.process), running.bootstrap)
+        finally:
+            running.stop()

@@ -12,44 +12,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from service.broker import EmbeddedBroker, free_port, start_broker
 from service.simulate import SimMessage, generate
 from tests.kafka.harness import Scenario, WorkerProcess, publish, total
-from tests.kafka.proxy import TcpProxy
+from tests.kafka.proxy import Proxied, proxied_broker
 from tests.reliability.exact import Expected, assert_exact, filed_ids
 
 pytestmark = pytest.mark.reliability
 
-# aiokafka's default client id ("aiokafka-<version>"): the test's publisher and readers. The
-# worker's clients are Faust's ("faust-<version>"), so only they suffer the faults.
-SPARED = ("aiokafka-",)
 BLACK_HOLE = 30.0
-
-
-@dataclass
-class Proxied:
-    proxy: TcpProxy
-    broker: EmbeddedBroker  # as the worker sees it: through the proxy
-    direct: str  # the broker's own address, for the test's publisher
 
 
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
     """A broker of its own, advertised at the proxy (faults must not reach other tests)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("faults") / "tansu.log"
-    with TcpProxy(port, spare=SPARED) as proxy:
-        running = start_broker(port, log_file=log, advertised_port=proxy.port)
-        try:
-            yield Proxied(proxy, EmbeddedBroker(proxy.port, running.process), running.bootstrap)
-        finally:
-            running.stop()
+    with proxied_broker(tmp_path_factory.mktemp("faults") / "tansu.log") as running:
+        yield running
 
 
 def _thirds(

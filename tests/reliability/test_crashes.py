@@ -125,8 +125,8 @@ def _kill(worker: WorkerProcess, point: str, started: float) -> None:
 
 def test_kill_9_at_three_points_is_exact(broker: EmbeddedBroker, tmp_path: Path) -> None:
     scenario = Scenario.new(broker, tmp_path)
-    messages = _messages(1200, seed=71)
-    parts = [messages[:250], messages[250:700], messages[700:1000], messages[1000:]]
+    messages = _messages(800, seed=71)
+    parts = [messages[:170], messages[170:470], messages[470:670], messages[670:]]
     started = time.monotonic()
     published: list[SimMessage] = []
 
@@ -215,8 +215,8 @@ def _profiles(worker: WorkerProcess, keys: set[str]) -> dict[str, Any]:
 
 def test_state_rebuilt_from_changelogs(broker: EmbeddedBroker, tmp_path: Path) -> None:
     scenario = Scenario.new(broker, tmp_path)
-    messages = _messages(900, seed=72)
-    first, second = messages[:650], messages[650:]
+    messages = _messages(600, seed=72)
+    first, second = messages[:430], messages[430:]
     started = time.monotonic()
 
     worker = WorkerProcess(scenario, tmp_path / "w1.log", **FAST).start()

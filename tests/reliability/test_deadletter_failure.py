@@ -14,7 +14,6 @@ import asyncio
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -23,38 +22,23 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from service.broker import EmbeddedBroker, free_port, start_broker
 from service.simulate import SimMessage, generate, topic_for
 from service.topics import Topics
 from tests.kafka.harness import Scenario, WorkerProcess, publish, read_topic
-from tests.kafka.proxy import TcpProxy
+from tests.kafka.proxy import Proxied, proxied_broker
 from tests.reliability.exact import assert_exact
 
 pytestmark = pytest.mark.reliability
 
-# The test's own clients keep aiokafka's default client id; only the worker's (Faust's) are
-# refused or denied auto-creation.
-SPARED = ("aiokafka-",)
 EX_SOFTWARE = 70
-
-
-@dataclass
-class Proxied:
-    proxy: TcpProxy
-    broker: EmbeddedBroker  # as the worker sees it: through the proxy
-    direct: str  # the broker's own address, for the test's clients
 
 
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("deadletter") / "tansu.log"
-    with TcpProxy(port, spare=SPARED, auto_create=False) as proxy:
-        running = start_broker(port, log_file=log, advertised_port=proxy.port)
-        try:
-            yield Proxied(proxy, EmbeddedBroker(proxy.port, running.process), running.bootstrap)
-        finally:
-            running.stop()
+    with proxied_broker(
+        tmp_path_factory.mktemp("deadletter") / "tansu.log", auto_create=False
+    ) as running:
+        yield running
 
 
 def _messages(seed: int) -> list[SimMessage]:

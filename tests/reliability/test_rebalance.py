@@ -289,8 +289,8 @@ def test_rolling_restarts_keep_every_partition_going(
     """Worker b is stopped and started three times while a steady stream flows."""
     run_started = time.monotonic()
     scenario = Scenario.new(broker, tmp_path)
-    messages = _messages(1500, seed=731)
-    streamed, tail = messages[:1250], messages[1250:]
+    messages = _messages(1000, seed=731)
+    streamed, tail = messages[:850], messages[850:]
     a = WorkerProcess(scenario, tmp_path / "a.log", name="a", **FAST).start()
     b = WorkerProcess(scenario, tmp_path / "b.log", name="b", **FAST).start()
     watcher: OutputWatcher | None = None
@@ -338,8 +338,8 @@ def test_paused_worker_rejoins_and_changes_nothing(broker: EmbeddedBroker, tmp_p
     """Worker a is paused (SIGSTOP) past the session timeout while b takes over, then resumed."""
     run_started = time.monotonic()
     scenario = Scenario.new(broker, tmp_path)
-    messages = _messages(1200, seed=741)
-    streamed, tail = messages[:1000], messages[1000:]
+    messages = _messages(900, seed=741)
+    streamed, tail = messages[:750], messages[750:]
     a = WorkerProcess(scenario, tmp_path / "a.log", name="a", **FAST).start()
     b = WorkerProcess(scenario, tmp_path / "b.log", name="b", **FAST).start()
     watcher: OutputWatcher | None = None

@@ -28,6 +28,7 @@ class FakeConsumer:
         self._gap: defaultdict[Any, IntervalTree] = defaultdict(IntervalTree)
         self._committed_offset: defaultdict[Any, int | None] = defaultdict(lambda: None)
         self._committed_offset[PART] = committed
+        self._read_offset = delivery._ReadOffsets()
         for offset in acked or []:
             self._acked[PART].append(offset)
             self._acked_index[PART].add(offset)
@@ -63,13 +64,6 @@ def test_offsets_read_again_below_the_commit_are_dropped() -> None:
     assert consumer._acked[PART] == []
 
 
-def test_known_gaps_are_filled() -> None:
-    """Offsets the consumer knows hold no message (transaction markers) do not block."""
-    consumer = FakeConsumer(committed=5, acked=[5, 8])
-    consumer._gap[PART].addi(6, 8)
-    assert consumer.new_offset() == 9
-
-
 def _message(offset: int) -> Message:
     return Message(
         topic=PART.topic, partition=PART.partition, offset=offset, timestamp=0.0,
@@ -82,6 +76,7 @@ class SeekingConsumer:
 
     def __init__(self, committed: int | None) -> None:
         self._committed_offset = {PART: committed}
+        self._read_offset = delivery._ReadOffsets()
         self.seeks: list[tuple[TP, int]] = []
 
     def assignment(self) -> set[TP]:
@@ -144,5 +139,60 @@ async def test_a_partition_whose_commit_waits_is_read_again(
     assert consumer.new_offset() is None
     await asyncio.sleep(0)
     assert seeks == [(PART, 5)]
+    assert consumer._read_offset.floors == {PART: 5}  # the re-read 5 is not dropped
     consumer._acked[PART].extend([5, 6])  # read again and handled
     assert consumer.new_offset() == 9
+
+
+async def test_offsets_that_rereading_never_brings_are_taken_for_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transaction marker of an upstream producer: no reading ever delivers offset 5. After
+    GAP_REREADS readings over GAP_AFTER seconds the commit goes past it, not before."""
+    clock = [1000.0]
+    monkeypatch.setattr(delivery.time, "monotonic", lambda: clock[0])
+    consumer = FakeConsumer(committed=5, acked=[6, 7])
+    seeks: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        seeks.append((tp, offset))
+
+    consumer.assignment = lambda: {PART}  # type: ignore[attr-defined]
+    consumer.seek = seek  # type: ignore[attr-defined]
+    results = []
+    while clock[0] < 1000.0 + delivery.GAP_AFTER + 10 * delivery.REREAD_AFTER:
+        results.append(consumer.new_offset())
+        await asyncio.sleep(0)
+        clock[0] += delivery.REREAD_AFTER + 0.5
+        if results[-1] is not None:
+            break
+    assert results[-1] == 8
+    assert all(r is None for r in results[:-1])
+    assert len(seeks) >= delivery.GAP_REREADS
+    assert (len(results) - 1) * (delivery.REREAD_AFTER + 0.5) > delivery.GAP_AFTER
+
+
+async def test_faust_inferred_gaps_are_ignored() -> None:
+    """Faust records offsets it saw skipped as empty; they may be dropped messages."""
+    consumer = FakeConsumer(committed=5, acked=[5, 8])
+    await delivery._no_gap(consumer, PART, 6, 7)  # type: ignore[arg-type]
+    consumer._gap[PART].addi(6, 8)  # even where Faust's own bookkeeping has one
+    assert consumer.new_offset() == 6
+    assert consumer._acked[PART] == [8]
+
+
+def test_read_offsets_let_a_message_read_again_through() -> None:
+    """After a seek back to 5, Faust may still read 9 from a batch fetched before the seek;
+    the re-read 5 must not be dropped as 'below the read offset' (Faust drops those)."""
+    offsets = delivery._ReadOffsets()
+    offsets[PART] = 4
+    offsets.floors[PART] = 5  # what _read_again sets with its seek
+    offsets[PART] = 9
+    assert offsets[PART] == 5  # 5..9 pass Faust's `offset >= read offset` check
+    offsets[PART] = 5  # the message read again
+    assert PART not in offsets.floors
+    offsets[PART] = 9
+    assert offsets[PART] == 9
+    offsets.floors[PART] = 3
+    assert offsets.pop(PART) == 9
+    assert PART not in offsets.floors
