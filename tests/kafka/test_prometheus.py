@@ -151,7 +151,7 @@ def prometheus(worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory) 
                 targets = server.get("/api/v1/targets")["data"]["activeTargets"]
                 if targets and all(target["health"] == "up" for target in targets):
                     break
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, or an empty answer while it starts
                 pass
             time.sleep(0.2)
         yield server
