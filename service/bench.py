@@ -74,10 +74,10 @@ class BenchWorker:
         return total(self.scrape(), FILED)
 
     def rss_mb(self) -> float:
-        return _status_kb(self.process.pid, "VmRSS") / 1024
+        return round(_status_kb(self.process.pid, "VmRSS") / 1024, 1)
 
     def peak_rss_mb(self) -> float:
-        return _status_kb(self.process.pid, "VmHWM") / 1024
+        return round(_status_kb(self.process.pid, "VmHWM") / 1024, 1)
 
     def stop(self) -> int:
         self.process.terminate()
