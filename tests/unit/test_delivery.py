@@ -29,12 +29,22 @@ class FakeConsumer:
         self._committed_offset: defaultdict[Any, int | None] = defaultdict(lambda: None)
         self._committed_offset[PART] = committed
         self._read_offset = delivery._ReadOffsets()
+        self.seeks = []
         for offset in acked or []:
             self._acked[PART].append(offset)
             self._acked_index[PART].add(offset)
 
     def new_offset(self) -> int | None:
         return _new_offset(self, PART)  # type: ignore[arg-type]
+
+    # What a seek back needs: the assignment and the seek itself (recorded).
+    seeks: list[tuple[TP, int]]
+
+    def assignment(self) -> set[TP]:
+        return {PART}
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
 
 
 def test_commits_the_run_that_starts_at_the_committed_offset() -> None:
@@ -123,13 +133,7 @@ async def test_a_partition_whose_commit_waits_is_read_again(
     clock = [1000.0]
     monkeypatch.setattr(delivery.time, "monotonic", lambda: clock[0])
     consumer = FakeConsumer(committed=5, acked=[7, 8])
-    seeks: list[tuple[TP, int]] = []
-
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
-
-    consumer.assignment = lambda: {PART}  # type: ignore[attr-defined]
-    consumer.seek = seek  # type: ignore[attr-defined]
+    seeks = consumer.seeks
     assert consumer.new_offset() is None
     clock[0] += delivery.REREAD_AFTER / 2
     assert consumer.new_offset() is None
@@ -152,13 +156,7 @@ async def test_offsets_that_rereading_never_brings_are_taken_for_empty(
     clock = [1000.0]
     monkeypatch.setattr(delivery.time, "monotonic", lambda: clock[0])
     consumer = FakeConsumer(committed=5, acked=[6, 7])
-    seeks: list[tuple[TP, int]] = []
-
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
-
-    consumer.assignment = lambda: {PART}  # type: ignore[attr-defined]
-    consumer.seek = seek  # type: ignore[attr-defined]
+    seeks = consumer.seeks
     results = []
     while clock[0] < 1000.0 + delivery.GAP_AFTER + 10 * delivery.REREAD_AFTER:
         results.append(consumer.new_offset())
