@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -50,12 +52,21 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
-async def ensure_topics(settings: Settings) -> list[str]:
-    """Create the contract's topics that do not exist yet -> the names created."""
-    topics = Topics(settings.topic_prefix)
+@contextlib.asynccontextmanager
+async def _admin(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client for the configured cluster, closed on exit."""
     admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
     await admin.start()
     try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create the contract's topics that do not exist yet -> the names created."""
+    topics = Topics(settings.topic_prefix)
+    async with _admin(settings) as admin:
         existing = set(await admin.list_topics())
         missing = [
             NewTopic(
@@ -71,19 +82,13 @@ async def ensure_topics(settings: Settings) -> list[str]:
             await admin.create_topics(missing)
             log.info("created topics", extra={"topics": [topic.name for topic in missing]})
         return [topic.name for topic in missing]
-    finally:
-        await admin.close()
 
 
 async def missing_outputs(settings: Settings) -> list[str]:
     """The contract topics the worker writes (all but the raw ones) that the cluster lacks."""
     topics = Topics(settings.topic_prefix)
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-    await admin.start()
-    try:
+    async with _admin(settings) as admin:
         existing = set(await admin.list_topics())
-    finally:
-        await admin.close()
     return [
         name
         for name in topics.contract_topics()
