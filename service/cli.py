@@ -33,12 +33,8 @@ def _settings() -> Settings:
 
 def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     """Run a worker (plus `extra_services`) until SIGTERM/SIGINT -> exit code."""
-    import faust
-
-    from service.http import ShutdownWatchdog
     from service.kafka import ensure_topics, missing_outputs
-    from service.logs import logging_config
-    from service.worker import build_worker
+    from service.worker import build_worker, faust_worker_for
 
     try:
         worker = build_worker(settings)
@@ -56,16 +52,7 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
             file=sys.stderr,
         )
         return 2
-    faust_worker = faust.Worker(
-        worker.app,
-        worker.http_service(),
-        *extra_services,
-        # Last, so that it is stopped first and times the whole shutdown.
-        ShutdownWatchdog(settings.shutdown_timeout.total_seconds()),
-        loglevel=settings.log_level.upper(),
-        logging_config=logging_config(settings.log_level, settings.log_format),
-        quiet=True,
-    )
+    faust_worker = faust_worker_for(worker, *extra_services)
     try:
         faust_worker.execute_from_commandline()
     except SystemExit as exc:

@@ -21,6 +21,7 @@ import orjson
 from aiokafka.partitioner import DefaultPartitioner
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import Message
+from mode import ServiceT
 from prometheus_client import CollectorRegistry
 
 from service import delivery
@@ -31,9 +32,10 @@ from service.dedup import ExpiryIndex, Seen, classify
 from service.delivery import mark_handled
 from service.fence import Fenced, SessionFence, register
 from service.forget import FORGET_KEY, forget_command
-from service.http import HttpService, make_web_app
+from service.http import HttpService, ShutdownWatchdog, make_web_app
 from service.identity import FiledKeys, IdentityGraph
 from service.kafka import kafka_client_kwargs, ssl_context
+from service.logs import logging_config
 from service.metrics_stage import MetricsState, metrics_key, wire_metrics
 from service.normalize import normalize
 from service.observability import Metrics
@@ -630,6 +632,24 @@ def build_worker(
         metrics.timeline_entries.set(entries)
 
     return worker
+
+
+def faust_worker_for(worker: Worker, *extra_services: ServiceT) -> faust.Worker:
+    """A Worker -> the Faust worker that runs it (with its HTTP service), logging as set."""
+    faust_worker = faust.Worker(
+        worker.app,
+        worker.http_service(),
+        *extra_services,
+        # Last, so that it is stopped first and times the whole shutdown.
+        ShutdownWatchdog(worker.settings.shutdown_timeout.total_seconds()),
+        loglevel=worker.settings.log_level.upper(),
+        logging_config=logging_config(worker.settings.log_level, worker.settings.log_format),
+        quiet=True,
+    )
+    # At WARNING and above, Faust's terminal spinner sets the root logger to DEBUG: every
+    # debug call of aiokafka and Faust then built a record (about a tenth of the CPU).
+    faust_worker.spinner = None
+    return faust_worker
 
 
 async def _broker_answers(app: faust.App) -> bool:

@@ -11,6 +11,7 @@ cx.timeline, cx.profiles).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -50,7 +51,7 @@ from service.identity import IdentityGraph, is_placeholder, provisional_key
 from service.profile import Profile
 from service.settings import load_settings
 from service.simulate import SimMessage, generate
-from service.worker import StrKeys, Worker, build_worker
+from service.worker import StrKeys, Worker, build_worker, faust_worker_for
 
 pytestmark = pytest.mark.agent
 
@@ -1248,3 +1249,27 @@ async def test_stale_session_releases_the_message_unhandled_on_a_rebalance(
         await feed(agent, "cx.raw.web", b"k", raw_event("web", "w-1"), 0, 0)
     [accepted] = harness.accepted.sent
     assert accepted.key == b"web:w-1"
+
+
+@pytest.mark.parametrize("level", ["info", "warning", "error"])
+def test_worker_logging_stays_at_the_configured_level(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: str
+) -> None:
+    """Faust's spinner used to lower the root logger to DEBUG at WARNING and above."""
+    for name in [name for name in os.environ if name.upper().startswith("CX_")]:
+        monkeypatch.delenv(name)
+    settings = load_settings(
+        kafka_bootstrap_servers="localhost:1",
+        pii_key="test-pii-key-0123456789",
+        data_dir=tmp_path,
+        log_level=level,
+    )
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        faust_worker_for(build_worker(settings))._setup_logging()
+        assert root.level == logging.getLevelName(level.upper())
+        assert not logging.getLogger("aiokafka.producer").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
