@@ -86,9 +86,10 @@ def wire_metrics(
             prefix = f"{partition}|"
             kept = [
                 Touchpoint.model_validate(event, strict=False)
-                for key, bucket in events_table.items()
+                for key, value in events_table.items()
                 if text_key(key).startswith(prefix)
-                for event in bucket.values()
+                # a value is one event (in 0.1.0 it was a whole minute: {id: event})
+                for event in ([value] if "event_id" in value else value.values())
             ]
             # Every restored bucket is sent again: what was sent before a crash is unknown.
             state.dirty.setdefault(partition, set()).update(found.restore(kept))
@@ -117,14 +118,17 @@ def wire_metrics(
             return
         if not changed:
             return  # an event id already counted
-        bucket_key = f"{partition}|{minute_of(touchpoint.occurred_at)}"
-        bucket = dict(events_table.get(bucket_key) or {})
-        bucket[touchpoint.event_id] = touchpoint.model_dump(mode="json")
-        events_table[bucket_key] = bucket
+        # One record per event: a record per minute grew with the minute's traffic, and each
+        # event wrote it whole again (quadratic under a steady rate).
+        minute = minute_of(touchpoint.occurred_at)
+        events_table[f"{partition}|{minute}|{touchpoint.event_id}"] = orjson.loads(message.value)
         state.dirty.setdefault(partition, set()).update(changed)
         if parts.watermark is not None:
-            for minute in parts.forget_before(minute_of(parts.watermark - KEEP)):
-                events_table.pop(f"{partition}|{minute}", None)
+            gone = parts.forget_before(minute_of(parts.watermark - KEEP))
+            for minute, event_id in gone:
+                events_table.pop(f"{partition}|{minute}|{event_id}", None)
+            for minute in {minute for minute, _ in gone}:
+                events_table.pop(f"{partition}|{minute}", None)  # a 0.1.0 minute record
 
     async def handle_partial(message: Any) -> None:
         """A partition's minute aggregate -> the merger (replacing the one before)."""

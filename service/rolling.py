@@ -284,15 +284,15 @@ class PartitionAggregator:
         self.oldest = minute if self.oldest is None else min(self.oldest, minute)
         self.watermark = max(self.watermark or event.occurred_at, event.occurred_at)
 
-    def forget_before(self, minute: int) -> list[int]:
-        """Drop what came before `minute` (no window or join can reach it) -> the minutes
-        dropped."""
+    def forget_before(self, minute: int) -> list[tuple[int, str]]:
+        """Drop what came before `minute` (no window or join can reach it) -> the (minute,
+        event id) of each event dropped."""
         if self.oldest is None or self.oldest >= minute:
             return []
-        gone = sorted({m for _, m in self.minutes if m < minute})
         for key in [k for k in self.minutes if k[1] < minute]:
             del self.minutes[key]
-        for event_id in [e for e, m in self.seen.items() if m < minute]:
+        gone = sorted((m, e) for e, m in self.seen.items() if m < minute)
+        for _, event_id in gone:
             del self.seen[event_id]
             self.derived.pop(event_id, None)
         for thread_id, thread in list(self.threads.items()):

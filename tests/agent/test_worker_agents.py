@@ -1148,6 +1148,10 @@ async def test_metrics_partition_counts_each_event_once_and_merger_sums(harness:
     minute = int(NOW.timestamp() // 60)
     bucket = state.parts[2].minutes[("all", minute)]
     assert (bucket.events, len(bucket.customers)) == (2, 2)
+    table = harness.worker.app.tables["metrics"]
+    # One record per event: a minute's record written whole per event was quadratic.
+    assert sorted(StrKeys(table)) == [f"2|{minute}|web:m-1", f"2|{minute}|web:m-2"]
+    assert table[f"2|{minute}|web:m-2"] == orjson.loads(second)
 
     partial = {
         "p": 2, "scope": "all", "minute": minute, "agg": bucket.to_json(),
@@ -1161,6 +1165,24 @@ async def test_metrics_partition_counts_each_event_once_and_merger_sums(harness:
     snapshots = {s.key: s for s in state.merger.snapshots(30, NOW)}
     assert snapshots["all/1h"].events == 2
     assert snapshots["web/1h"].events == 0  # only the "all" scope was sent here
+
+
+async def test_metrics_partition_restores_events_and_0_1_0_minute_records(
+    harness: Harness,
+) -> None:
+    """After an assignment a partition's aggregates are rebuilt from its table, which may
+    still hold 0.1.0's records of a whole minute ({id: event}) beside per-event records."""
+    minute = int(NOW.timestamp() // 60)
+    old = touchpoint("web:m-1", NOW, 0, "C-1").model_dump(mode="json")
+    new = touchpoint("web:m-2", NOW, 1, "C-2").model_dump_json().encode()
+    table = harness.worker.app.tables["metrics"]
+    table.data[f"2|{minute}"] = {"web:m-1": old}  # as recovered from the changelog
+    async with harness.worker.agents["metrics"].test_context() as agent:
+        await feed(agent, "cx.internal.metrics", b"web:m-2", new, 2, 0)
+        harness.worker.metrics_state.parts.clear()  # as after a rebalance: rebuilt from the table
+        await feed(agent, "cx.internal.metrics", b"web:m-1", orjson.dumps(old), 2, 1)  # again
+    bucket = harness.worker.metrics_state.parts[2].minutes[("all", minute)]
+    assert (bucket.events, len(bucket.customers)) == (2, 2)
 
 
 # --- replays after a crash: filed once, under one key -------------------------------------
