@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -27,8 +28,10 @@ from typing import IO, Any
 import orjson
 
 from service.broker import free_port
+from service.metrics import WINDOWS
 from service.settings import Settings
 from service.simulate import SimMessage, generate, publish, topic_for
+from service.topics import Topics
 
 FILED = "cxpulse_processing_latency_seconds_count"  # one per event filed on a record
 CHANNELS = ("web", "chat", "support", "store")
@@ -172,6 +175,95 @@ async def baseline(bootstrap: str, prefix: str, count: int) -> dict[str, float]:
     return {"events": read, "seconds": round(seconds, 3), "events_per_s": round(read / seconds)}
 
 
+@dataclass(frozen=True)
+class Record:
+    """What the latency measures need of a consumed record."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int  # CreateTime: set by the producer when the record was sent
+    key: bytes | None
+    value: bytes | None
+
+
+async def read_all(bootstrap: str, topics: list[str], idle: float = 3.0) -> list[Record]:
+    """Every record of `topics`, read until none came for `idle` seconds (Tansu under-reports
+    end offsets, so the end is not asked for)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=100,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    records: list[Record] = []
+    try:
+        last = time.monotonic()
+        while time.monotonic() - last < idle:
+            batches = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            for batch in batches.values():
+                last = time.monotonic()
+                records.extend(
+                    Record(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
+                    for r in batch
+                )
+    finally:
+        await consumer.stop()
+    return records
+
+
+def percentiles(values_ms: list[float], points: tuple[float, ...]) -> dict[str, float | None]:
+    """Milliseconds -> {"p50_ms": ..., ...} (nearest rank); None for each when empty."""
+    ordered = sorted(values_ms)
+    out: dict[str, float | None] = {}
+    for point in points:
+        name = f"p{point:g}".replace(".", "")
+        if not ordered:
+            out[f"{name}_ms"] = None
+            continue
+        rank = max(1, math.ceil(round(point * len(ordered) / 100, 9)))  # 99.9 % of 1000 is 999
+        out[f"{name}_ms"] = round(ordered[rank - 1], 1)
+    return out
+
+
+def to_timeline_ms(raw: list[Record], timeline: list[Record]) -> list[float]:
+    """Per filed event: its timeline record's time minus its raw record's publish time. The
+    timeline record names its raw record (`source`); a replayed copy counts once, the first."""
+    published: dict[tuple[Any, ...], int] = {
+        (r.topic, r.partition, r.offset): r.timestamp_ms for r in raw
+    }
+    first: dict[str, float] = {}
+    for record in timeline:
+        touchpoint = orjson.loads(record.value or b"{}")
+        source = touchpoint.get("source") or {}
+        sent = published.get((source.get("topic"), source.get("partition"), source.get("offset")))
+        if sent is not None:
+            latency = record.timestamp_ms - sent
+            first[touchpoint["event_id"]] = min(latency, first.get(touchpoint["event_id"], latency))
+    return list(first.values())
+
+
+def to_snapshot_ms(publish_ms: list[int], snapshots: list[Record], key: str) -> list[float]:
+    """The k-th accepted event (in publishing order) is taken as reflected by the first
+    snapshot of `key` counting at least k events -> per event, that snapshot's time minus its
+    publish time. (Events are counted, not named, in a snapshot: this is the one measure.)"""
+    ordered = sorted(publish_ms)
+    latencies: list[float] = []
+    counted = 0
+    for record in sorted(snapshots, key=lambda r: r.timestamp_ms):
+        if record.key != key.encode() or record.value is None:
+            continue
+        events = min(int(orjson.loads(record.value)["events"]), len(ordered))
+        latencies.extend(record.timestamp_ms - ordered[k] for k in range(counted, events))
+        counted = max(counted, events)
+    return latencies
+
+
 def _wait(workers: list[BenchWorker], target: float, within: float) -> float:
     """Poll the workers until their filed events add up to `target` -> seconds it took."""
     started = time.monotonic()
@@ -201,6 +293,27 @@ def _ready(workers: list[BenchWorker], within: float = 120.0) -> None:
             raise TimeoutError("bench worker not ready")
 
 
+@contextlib.contextmanager
+def running(
+    bootstrap: str, prefix: str, workers: int, exit_codes: list[int]
+) -> Iterator[list[BenchWorker]]:
+    """`workers` bench workers on a run's topics, ready (state empty) -> stopped after, their
+    exit codes appended to `exit_codes`."""
+    with tempfile.TemporaryDirectory(prefix=f"cxpulse-{prefix}-") as tmp:
+        env = worker_env(bootstrap, prefix)
+        started = [BenchWorker.start(env, Path(tmp), f"w{n}") for n in range(workers)]
+        try:
+            _ready(started)
+            yield started
+        finally:
+            exit_codes.extend(w.stop() for w in started)
+
+
+def _run_settings(settings: Settings, bootstrap: str, prefix: str) -> Settings:
+    update = {"kafka_bootstrap_servers": bootstrap, "topic_prefix": prefix}
+    return settings.model_copy(update=update)
+
+
 def throughput(
     settings: Settings, bootstrap: str, count: int, workers: int, seed: int = 8
 ) -> dict[str, Any]:
@@ -209,22 +322,18 @@ def throughput(
     batch = messages(count, seed, timedelta(days=3))
     accepted = len({m.event_id for m in batch if m.kind != "bad"})
     published_at = time.monotonic()
-    run_settings = settings.model_copy(
-        update={"kafka_bootstrap_servers": bootstrap, "topic_prefix": prefix}
-    )
+    run_settings = _run_settings(settings, bootstrap, prefix)
     asyncio.run(publish(run_settings, batch))
     preload = time.monotonic() - published_at
     base = asyncio.run(baseline(bootstrap, prefix, len(batch)))
-    with tempfile.TemporaryDirectory(prefix="cxpulse-bench-") as tmp:
-        env = worker_env(bootstrap, prefix)
-        started = [BenchWorker.start(env, Path(tmp), f"w{n}") for n in range(workers)]
-        try:
-            _ready(started)
-            seconds = _wait(started, accepted, within=max(600.0, count / 20))
-            peak = max(w.peak_rss_mb() for w in started)
-        finally:
-            codes = [w.stop() for w in started]
+    codes: list[int] = []
+    with running(bootstrap, prefix, workers, codes) as started:
+        seconds = _wait(started, accepted, within=max(600.0, count / 20))
+        peak = max(w.peak_rss_mb() for w in started)
     rate = accepted / seconds
+    topics = Topics(prefix)
+    raw = asyncio.run(read_all(bootstrap, list(topics.raw_topics)))
+    timeline = asyncio.run(read_all(bootstrap, [topics.timeline]))
     return {
         "mode": "throughput",
         "messages": len(batch),
@@ -236,9 +345,57 @@ def throughput(
         "peak_rss_mb": round(peak, 1),
         "baseline": base,
         "ratio_to_baseline": round(rate / base["events_per_s"], 6),
+        # Preloaded: an event waits for those before it, so this is mostly queueing.
+        "publish_to_timeline": percentiles(to_timeline_ms(raw, timeline), (50, 99)),
         "exit_codes": codes,
         "measured_from": "workers ready (state empty, all input preloaded)",
         "measured_to": "every accepted event filed on its customer's record",
+    }
+
+
+def latency(settings: Settings, bootstrap: str, rate: float, count: int) -> dict[str, Any]:
+    """One worker; `count` messages published at `rate`/s while it runs -> latency
+    percentiles from publish to the timeline record and to the first snapshot counting it."""
+    prefix = f"latency{int(time.time())}"
+    span = timedelta(seconds=max(60.0, count / rate))  # events happen now, in every window
+    batch = messages(count, 13, span)
+    accepted = len({m.event_id for m in batch if m.kind != "bad"})
+    codes: list[int] = []
+    with running(bootstrap, prefix, 1, codes) as started:
+        began = time.monotonic()
+        asyncio.run(publish(_run_settings(settings, bootstrap, prefix), batch, rate=rate))
+        published = time.monotonic() - began
+        behind = _wait(started, accepted, within=max(600.0, count / 20))
+        peak = started[0].peak_rss_mb()
+        topics = Topics(prefix)
+        # Read while the worker still runs: its last snapshots follow within two emit ticks.
+        snapshots = asyncio.run(read_all(bootstrap, [topics.metrics], idle=5.0))
+    raw = asyncio.run(read_all(bootstrap, list(topics.raw_topics)))
+    timeline = asyncio.run(read_all(bootstrap, [topics.timeline]))
+    first_filed = {
+        (tp["source"]["topic"], tp["source"]["partition"], tp["source"]["offset"])
+        for tp in (orjson.loads(r.value or b"{}") for r in timeline)
+    }
+    accepted_ms = [r.timestamp_ms for r in raw if (r.topic, r.partition, r.offset) in first_filed]
+    longest = f"all/{max(WINDOWS, key=WINDOWS.__getitem__)}"
+    to_timeline = to_timeline_ms(raw, timeline)
+    to_snapshot = to_snapshot_ms(accepted_ms, snapshots, longest)
+    points = (50, 99, 99.9)
+    return {
+        "mode": "latency",
+        "rate": rate,
+        "messages": len(batch),
+        "events": accepted,
+        "published_per_s": round(len(batch) / published, 1),
+        "caught_up_after_publishing_s": round(behind, 1),
+        "publish_to_timeline": {"events": len(to_timeline), **percentiles(to_timeline, points)},
+        "publish_to_snapshot": {
+            "snapshot": longest,
+            "events": len(to_snapshot),
+            **percentiles(to_snapshot, points),
+        },
+        "peak_rss_mb": peak,
+        "exit_codes": codes,
     }
 
 
@@ -251,38 +408,32 @@ def soak(
 ) -> dict[str, Any]:
     """One worker under `rate` messages/s for `seconds` -> RSS samples and the totals."""
     prefix = f"soak{int(time.time())}"
-    run_settings = settings.model_copy(
-        update={"kafka_bootstrap_servers": bootstrap, "topic_prefix": prefix}
-    )
+    run_settings = _run_settings(settings, bootstrap, prefix)
     batch = list(_steady(rate, seconds, seed=12))
     accepted = len({m.event_id for m in batch if m.kind != "bad"})
     samples: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory(prefix="cxpulse-soak-") as tmp:
-        worker = BenchWorker.start(worker_env(bootstrap, prefix), Path(tmp), "soak")
-        try:
-            _ready([worker])
-            started = time.monotonic()
+    codes: list[int] = []
+    with running(bootstrap, prefix, 1, codes) as [worker]:
+        started = time.monotonic()
 
-            async def sample() -> None:
-                while True:
-                    samples.append(
-                        {"t": round(time.monotonic() - started, 1), "rss_mb": worker.rss_mb()}
-                    )
-                    await asyncio.sleep(every)
+        async def sample() -> None:
+            while True:
+                samples.append(
+                    {"t": round(time.monotonic() - started, 1), "rss_mb": worker.rss_mb()}
+                )
+                await asyncio.sleep(every)
 
-            async def run() -> None:
-                task = asyncio.create_task(sample())
-                try:
-                    await publish(run_settings, batch, rate=rate)
-                finally:
-                    task.cancel()
+        async def run() -> None:
+            task = asyncio.create_task(sample())
+            try:
+                await publish(run_settings, batch, rate=rate)
+            finally:
+                task.cancel()
 
-            asyncio.run(run())
-            lag = _wait([worker], accepted, within=600.0)
-            samples.append({"t": round(time.monotonic() - started, 1), "rss_mb": worker.rss_mb()})
-            peak = worker.peak_rss_mb()
-        finally:
-            code = worker.stop()
+        asyncio.run(run())
+        lag = _wait([worker], accepted, within=600.0)
+        samples.append({"t": round(time.monotonic() - started, 1), "rss_mb": worker.rss_mb()})
+        peak = worker.peak_rss_mb()
     rss = [s["rss_mb"] for s in samples]
     return {
         "mode": "soak",
@@ -293,5 +444,5 @@ def soak(
         "caught_up_after_publishing_s": round(lag, 1),
         "rss_mb": {"start": rss[0], "middle": rss[len(rss) // 2], "end": rss[-1], "peak": peak},
         "samples": samples,
-        "exit_code": code,
+        "exit_code": codes[0],
     }

@@ -175,8 +175,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Throughput against a same-run baseline, or a soak -> one JSON document on stdout."""
-    from service.bench import soak, throughput
+    """Throughput against a same-run baseline, a latency run or a soak -> one JSON document
+    on stdout."""
+    from service.bench import latency, soak, throughput
     from service.broker import BrokerError, start_broker
 
     settings = _settings()
@@ -192,9 +193,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bootstrap = broker.bootstrap
     try:
         if args.soak:
-            report = soak(settings, bootstrap, args.rate, parse_duration(args.soak).total_seconds())
+            rate = args.rate or 50.0
+            report = soak(settings, bootstrap, rate, parse_duration(args.soak).total_seconds())
+        elif args.latency:
+            rate = args.rate or 5000.0
+            report = latency(settings, bootstrap, rate, args.events or int(rate * 30))
         else:
-            report = throughput(settings, bootstrap, args.events, args.workers)
+            report = throughput(settings, bootstrap, args.events or 200_000, args.workers)
     finally:
         if broker is not None:
             broker.stop()
@@ -240,11 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.add_argument("--check", action="store_true", help="fail if schemas/ has drifted")
     schemas.set_defaults(func=cmd_schemas)
 
-    bench = sub.add_parser("bench", help="throughput against a baseline, or a soak (JSON)")
-    bench.add_argument("--events", type=int, default=200_000, help="messages to preload")
+    bench = sub.add_parser(
+        "bench", help="throughput against a baseline, latency at a rate, or a soak (JSON)"
+    )
+    bench.add_argument(
+        "--events", type=int, default=None, help="messages (default 200000; --latency: 30 s)"
+    )
     bench.add_argument("--workers", type=int, default=1, help="workers to run at once")
+    bench.add_argument(
+        "--latency", action="store_true", help="publish at --rate while one worker runs"
+    )
     bench.add_argument("--soak", metavar="DURATION", help="soak for this long instead (e.g. 20m)")
-    bench.add_argument("--rate", type=float, default=50.0, help="soak: messages per second")
+    bench.add_argument(
+        "--rate", type=float, default=None, help="messages/s (--latency: 5000, --soak: 50)"
+    )
     bench.set_defaults(func=cmd_bench)
     dlq = sub.add_parser("dlq", help="dead-letter tools")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)

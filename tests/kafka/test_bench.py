@@ -36,3 +36,5 @@ def test_bench_prints_a_json_report(broker: EmbeddedBroker) -> None:
     )
     assert report["exit_codes"] == [0]
     assert report["peak_rss_mb"] > 0
+    latency = report["publish_to_timeline"]
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"]

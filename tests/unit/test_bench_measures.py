@@ -1,0 +1,67 @@
+"""The bench's latency measures: percentiles, publish -> timeline, publish -> snapshot."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.bench import Record, percentiles, to_snapshot_ms, to_timeline_ms
+
+pytestmark = pytest.mark.unit
+
+
+def raw(partition: int, offset: int, at: int) -> Record:
+    return Record("p.raw.web", partition, offset, at, b"k", b"{}")
+
+
+def filed(event_id: str, partition: int, offset: int, at: int) -> Record:
+    source = {"topic": "p.raw.web", "partition": partition, "offset": offset}
+    value = orjson.dumps({"event_id": event_id, "source": source})
+    return Record("p.timeline", 0, 0, at, b"C-1", value)
+
+
+def snapshot(events: int, at: int, key: bytes = b"all/30d") -> Record:
+    return Record("p.metrics", 0, 0, at, key, orjson.dumps({"events": events}))
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 1001)]
+    assert percentiles(values, (50, 99, 99.9)) == {
+        "p50_ms": 500.0,
+        "p99_ms": 990.0,
+        "p999_ms": 999.0,
+    }
+    assert percentiles([], (50,)) == {"p50_ms": None}
+
+
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=200))
+def test_percentiles_are_ordered_values_of_the_sample(values: list[float]) -> None:
+    found = percentiles(values, (50, 99, 99.9))
+    ranks = [found["p50_ms"], found["p99_ms"], found["p999_ms"]]
+    assert ranks == sorted(ranks)  # type: ignore[type-var]
+    assert all(any(abs(v - r) <= 0.05 for v in values) for r in ranks if r is not None)
+
+
+def test_timeline_latency_pairs_each_event_with_its_raw_record_once() -> None:
+    published = [raw(0, 0, 1_000), raw(0, 1, 1_010), raw(1, 0, 1_020)]
+    timeline = [
+        filed("web:a", 0, 0, 1_100),
+        filed("web:b", 0, 1, 1_060),
+        filed("web:a", 0, 0, 1_900),  # a replayed copy: the first one counts
+        filed("web:x", 5, 5, 2_000),  # no raw record read: left out
+    ]
+    assert sorted(to_timeline_ms(published, timeline)) == [50, 100]
+
+
+def test_snapshot_latency_takes_the_first_snapshot_counting_each_event() -> None:
+    published = [1_000, 1_100, 1_200, 1_300]
+    snapshots = [
+        snapshot(2, 1_500),
+        snapshot(9, 1_400, key=b"web/1h"),  # another key
+        snapshot(2, 1_700),  # unchanged count: nothing new
+        snapshot(4, 2_000),
+    ]
+    assert to_snapshot_ms(published, snapshots, "all/30d") == [500, 400, 800, 700]
+    assert to_snapshot_ms(published, [snapshot(3, 1_500)], "all/30d") == [500, 400, 300]
