@@ -175,6 +175,56 @@ async def baseline(bootstrap: str, prefix: str, count: int) -> dict[str, float]:
     return {"events": read, "seconds": round(seconds, 3), "events_per_s": round(read / seconds)}
 
 
+def core_ceiling(settings: Settings, batch: list[SimMessage]) -> dict[str, Any]:
+    """The pure stages each event passes through in a worker (parse, normalize, the JSON
+    round trips between stages, dedup, identity, customer record, profile, alerts, metrics),
+    run on `batch` in this process with no Kafka and no Faust -> events/s: what no transport,
+    however fast, could exceed with this core."""
+    from service.alerts import alerts_for
+    from service.canonical import Normalized, Source, Touchpoint
+    from service.identity import IdentityGraph
+    from service.parse import Limits
+    from service.profile import profile
+    from service.rolling import PartitionAggregator
+    from service.timeline import Bounds, add_event
+    from service.timeline import Record as CustomerRecord
+    from service.worker import ingest_one
+
+    limits = Limits(settings.max_payload_bytes, settings.max_clock_skew)
+    bounds = Bounds(settings.timeline_max_events, settings.timeline_max_age)
+    pii_key = b"cxpulse-bench-key-0123456789"
+    seen: set[str] = set()
+    graph = IdentityGraph({})
+    records: dict[str, CustomerRecord] = {}
+    metrics = PartitionAggregator()
+    now = datetime.now(UTC)
+    started = time.perf_counter()
+    filed = 0
+    for offset, message in enumerate(batch):
+        source = Source(topic=topic_for("bench", message.channel), partition=0, offset=offset)
+        outcome = ingest_one(message.channel, message.value, source, limits, pii_key, now)
+        if not isinstance(outcome, Normalized):
+            continue
+        normalized = Normalized.model_validate_json(outcome.model_dump_json())  # as sent on
+        touchpoint = normalized.touchpoint
+        if touchpoint.event_id in seen:
+            continue
+        seen.add(touchpoint.event_id)
+        key = touchpoint.customer_key
+        if normalized.identifiers:
+            key = graph.link(normalized.identifiers, touchpoint.event_id).key
+        event = {**touchpoint.model_dump(mode="json"), "customer_key": key}
+        record, _ = add_event(records.get(key), event, bounds)
+        records[key] = record
+        state = record["profile"]
+        profile(key, state, int(record["aliases"]), state["last"] or 0).model_dump_json()
+        alerts_for(event, key)
+        metrics.apply(Touchpoint.model_validate_json(orjson.dumps(event)))
+        filed += 1
+    seconds = time.perf_counter() - started
+    return {"events": filed, "seconds": round(seconds, 2), "events_per_s": round(filed / seconds)}
+
+
 @dataclass(frozen=True)
 class Record:
     """What the latency measures need of a consumed record."""
@@ -326,6 +376,7 @@ def throughput(
     asyncio.run(publish(run_settings, batch))
     preload = time.monotonic() - published_at
     base = asyncio.run(baseline(bootstrap, prefix, len(batch)))
+    core = core_ceiling(settings, batch)
     codes: list[int] = []
     with running(bootstrap, prefix, workers, codes) as started:
         seconds = _wait(started, accepted, within=max(600.0, count / 20))
@@ -345,6 +396,7 @@ def throughput(
         "peak_rss_mb": round(peak, 1),
         "baseline": base,
         "ratio_to_baseline": round(rate / base["events_per_s"], 6),
+        "core_only": core,
         # Preloaded: an event waits for those before it, so this is mostly queueing.
         "publish_to_timeline": percentiles(to_timeline_ms(raw, timeline), (50, 99)),
         "exit_codes": codes,

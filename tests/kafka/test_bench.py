@@ -36,5 +36,6 @@ def test_bench_prints_a_json_report(broker: EmbeddedBroker) -> None:
     )
     assert report["exit_codes"] == [0]
     assert report["peak_rss_mb"] > 0
+    assert report["core_only"]["events"] == report["events"]  # same events, same verdicts
     latency = report["publish_to_timeline"]
     assert 0 < latency["p50_ms"] <= latency["p99_ms"]
