@@ -79,6 +79,14 @@ class BenchWorker:
     def rss_mb(self) -> float:
         return round(_status_kb(self.process.pid, "VmRSS") / 1024, 1)
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time so far (0 where there is no /proc)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def peak_rss_mb(self) -> float:
         return round(_status_kb(self.process.pid, "VmHWM") / 1024, 1)
 
@@ -379,7 +387,9 @@ def throughput(
     core = core_ceiling(settings, batch)
     codes: list[int] = []
     with running(bootstrap, prefix, workers, codes) as started:
+        cpu_before = sum(w.cpu_seconds() for w in started)
         seconds = _wait(started, accepted, within=max(600.0, count / 20))
+        cpu = sum(w.cpu_seconds() for w in started) - cpu_before
         peak = max(w.peak_rss_mb() for w in started)
     rate = accepted / seconds
     topics = Topics(prefix)
@@ -394,6 +404,8 @@ def throughput(
         "seconds": round(seconds, 2),
         "events_per_s": round(rate, 1),
         "peak_rss_mb": round(peak, 1),
+        # Steadier than the wall clock on a shared machine: what the workers spent per event.
+        "worker_cpu_ms_per_event": round(cpu * 1000 / accepted, 3),
         "baseline": base,
         "ratio_to_baseline": round(rate / base["events_per_s"], 6),
         "core_only": core,

@@ -160,6 +160,25 @@ def _raw_topic(app: faust.App, *names: str, partitions: int | None = None) -> fa
     )
 
 
+Headers = list[tuple[str, bytes]] | None
+# (topic, key, value, headers) -> the record's delivery future, once it is in the producer
+Send = Callable[[faust.TopicT, bytes | None, bytes | None, Headers], Awaitable[Any]]
+
+
+def producer_send(app: faust.App) -> Send:
+    """An app -> a Send straight to its Kafka producer. Faust's `Topic.send` costs about 120 µs
+    a record here (futures, sensors, buffering) against 25 µs for this. The commit flushes
+    the producer first, so every record sent for an event is delivered before its offset is
+    committed."""
+
+    async def send(
+        topic: faust.TopicT, key: bytes | None, value: bytes | None, headers: Headers
+    ) -> Any:
+        return await app.producer.send(topic.get_topic_name(), key, value, None, None, headers)
+
+    return send
+
+
 @dataclass
 class Worker:
     """A configured Faust app with its agents, topics, state, metrics and readiness."""
@@ -185,6 +204,7 @@ class Worker:
     identity_table: Any
     customers_table: Any
     fence: SessionFence
+    send: Send
     agents: dict[str, faust.types.AgentT[Any]] = field(default_factory=dict)
     metrics_state: MetricsState = field(default_factory=MetricsState)
     partials_table: Any = None
@@ -346,6 +366,7 @@ def build_worker(
         identity_table=json_table(app, "identity", 1),
         customers_table=json_table(app, "customers", settings.partitions),
         fence=SessionFence(settings.kafka_session_timeout.total_seconds()),
+        send=producer_send(app),
     )
     fence = worker.fence
     register(app, settings.consumer_group, fence)
@@ -372,7 +393,7 @@ def build_worker(
     ) -> None:
         if fence.stale():  # possibly replaced: write nothing until confirmed (or released)
             await fence.wait_current(rebalancing)
-        fut: Any = await topic.send(key=key, value=value, headers=headers)
+        fut: Any = await worker.send(topic, key, value, headers)
         fut.add_done_callback(on_sent)
 
     def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

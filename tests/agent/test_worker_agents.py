@@ -82,7 +82,8 @@ class Sent:
 
 @dataclass
 class Capture:
-    """Stands in for `Topic.send`: records each call, returns an already-completed future."""
+    """Stands in for the worker's send to one topic: records each call, returns an
+    already-completed future."""
 
     sent: list[Sent] = field(default_factory=list)
 
@@ -190,8 +191,14 @@ def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
         worker.metrics_topic,
     )
     captures = [Capture() for _ in topics]
-    for topic, capture in zip(topics, captures, strict=True):
-        monkeypatch.setattr(topic, "send", capture.send)
+    by_topic = {id(topic): capture for topic, capture in zip(topics, captures, strict=True)}
+
+    async def send(topic: Any, key: bytes | None, value: bytes | None, headers: Any) -> Any:
+        return await by_topic[id(topic)].send(key=key, value=value, headers=headers)
+
+    worker.send = send
+    # The forget request is queued by Topic.send (outside any stage).
+    monkeypatch.setattr(worker.identity_stream, "send", by_topic[id(worker.identity_stream)].send)
     return Harness(worker, registry, *captures, fatal)
 
 
