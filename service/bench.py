@@ -151,18 +151,23 @@ def messages(count: int, seed: int, span: timedelta) -> list[SimMessage]:
     )  # fmt: skip
 
 
-async def baseline(bootstrap: str, prefix: str, count: int) -> dict[str, float]:
-    """A plain aiokafka consumer: read `count` raw messages and orjson.loads each -> timing."""
+def _reader(bootstrap: str, topics: list[str]) -> Any:
+    """A groupless aiokafka consumer of `topics` from their beginning (not started)."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(
-        *(topic_for(prefix, c) for c in CHANNELS),  # type: ignore[arg-type]
+    return AIOKafkaConsumer(
+        *topics,
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         fetch_max_wait_ms=100,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
+
+
+async def baseline(bootstrap: str, prefix: str, count: int) -> dict[str, float]:
+    """A plain aiokafka consumer: read `count` raw messages and orjson.loads each -> timing."""
+    consumer = _reader(bootstrap, [topic_for(prefix, c) for c in CHANNELS])  # type: ignore[arg-type]
     await consumer.start()
     read = 0
     first = time.monotonic()
@@ -248,16 +253,7 @@ class Record:
 async def read_all(bootstrap: str, topics: list[str], idle: float = 3.0) -> list[Record]:
     """Every record of `topics`, read until none came for `idle` seconds (Tansu under-reports
     end offsets, so the end is not asked for)."""
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(
-        *topics,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=100,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
+    consumer = _reader(bootstrap, topics)
     await consumer.start()
     records: list[Record] = []
     try:

@@ -316,11 +316,20 @@ class PartitionAggregator:
 
 @dataclass
 class Merger:
-    """All partitions' minute aggregates -> rolling windows at the global watermark."""
+    """All partitions' minute aggregates -> rolling windows at the global watermark.
+
+    Each window's total is kept up to date as aggregates arrive (what changed is added), and
+    rebuilt only when the window end moves to another minute: an emit tick costs the number of
+    scopes and windows, not the events in them."""
 
     partials: dict[tuple[int, Scope, int], MinuteAgg] = field(default_factory=dict)
     totals: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
     watermarks: dict[int, datetime] = field(default_factory=dict)
+    # (scope, window) -> its total, for windows ending at `windows_end` (a minute number)
+    windows: dict[tuple[Scope, WindowName], MinuteAgg] = field(default_factory=dict)
+    windows_end: int | None = None
+    # The oldest minute among the partials: forgetting scans only when something is due.
+    oldest: int | None = field(default=None, compare=False, repr=False)
 
     def receive(
         self, partition: int, scope: Scope, minute: int, agg: MinuteAgg, watermark: datetime
@@ -329,10 +338,19 @@ class Merger:
         agg = agg.copy()  # the sender may go on changing its own
         total = self.totals.setdefault((scope, minute), MinuteAgg())
         old = self.partials.get((partition, scope, minute))
-        if old is not None:
-            total.add(old, -1)
-        total.add(agg)
+        touched = [total]
+        if self.windows_end is not None:
+            touched += [
+                self.windows[(scope, window)]
+                for window, size in WINDOWS.items()
+                if self.windows_end - int(size // MINUTE) <= minute < self.windows_end
+            ]
+        for running in touched:
+            if old is not None:
+                running.add(old, -1)
+            running.add(agg)
         self.partials[(partition, scope, minute)] = agg
+        self.oldest = minute if self.oldest is None else min(self.oldest, minute)
         if partition not in self.watermarks or watermark > self.watermarks[partition]:
             self.watermarks[partition] = watermark
 
@@ -341,32 +359,38 @@ class Merger:
         """The end of the minute holding the global watermark (None before any event)."""
         return window_end_for(max(self.watermarks.values())) if self.watermarks else None
 
+    def _windows_at(self, end_minute: int) -> None:
+        """Rebuild every window's total for windows ending at `end_minute`."""
+        self.windows = {(scope, window): MinuteAgg() for scope in SCOPES for window in WINDOWS}
+        for (scope, minute), agg in self.totals.items():
+            for window, size in WINDOWS.items():
+                if end_minute - int(size // MINUTE) <= minute < end_minute:
+                    self.windows[(scope, window)].add(agg)
+        self.windows_end = end_minute
+
     def snapshots(self, min_responses: int, emitted_at: datetime) -> list[Snapshot]:
         """Every scope and window at the global watermark (none before any event)."""
         end = self.window_end
         if end is None:
             return []
-        end_minute = minute_of(end)
-        by_scope: dict[Scope, list[tuple[int, MinuteAgg]]] = {scope: [] for scope in SCOPES}
-        for (scope, minute), agg in self.totals.items():
-            if end_minute - int(LONGEST // MINUTE) <= minute < end_minute:
-                by_scope[scope].append((minute, agg))
-        result = []
-        for scope in SCOPES:
-            for window, size in WINDOWS.items():
-                first = end_minute - int(size // MINUTE)
-                total = MinuteAgg()
-                for minute, agg in by_scope[scope]:
-                    if first <= minute:
-                        total.add(agg)
-                result.append(snapshot_of(total, scope, window, end, min_responses, emitted_at))
-        return result
+        if self.windows_end != minute_of(end):
+            self._windows_at(minute_of(end))
+        return [
+            snapshot_of(
+                self.windows[(scope, window)], scope, window, end, min_responses, emitted_at
+            )
+            for scope in SCOPES
+            for window in WINDOWS
+        ]
 
     def forget_before(self, minute: int) -> list[tuple[int, Scope, int]]:
         """Drop minutes no window can reach any more -> the partial keys dropped."""
+        if self.oldest is None or self.oldest >= minute:
+            return []
         gone = [key for key in self.partials if key[2] < minute]
         for key in gone:
             del self.partials[key]
         for total_key in [key for key in self.totals if key[1] < minute]:
             del self.totals[total_key]
+        self.oldest = min((key[2] for key in self.partials), default=None)
         return gone

@@ -43,7 +43,7 @@ def stream(
     events: list[Touchpoint], partitions: int, rng: random.Random, resend_share: float
 ) -> Merger:
     """Run events through partitions and a merger, sending changed buckets at random moments
-    (sometimes twice), with some events delivered again."""
+    (sometimes twice), with some events delivered again and snapshots taken in between."""
     aggregators = [PartitionAggregator() for _ in range(partitions)]
     merger = Merger()
     pending: set[tuple[int, str, int]] = set()
@@ -57,6 +57,8 @@ def stream(
             for _ in range(rng.choice((1, 1, 2))):
                 merger.receive(partition, scope, minute, sent, aggregator.watermark)
         pending.clear()
+        if rng.random() < 0.5:  # as an emit tick would: windows kept up to date from here
+            merger.snapshots(5, EMITTED)
 
     for event in events:
         for _ in range(2 if rng.random() < resend_share else 1):
@@ -131,3 +133,23 @@ def _event(event_id: str, kind: str, at: datetime) -> Touchpoint:
         currency=None,
         source=Source(topic="cx.raw.support", partition=0, offset=0),
     )
+
+
+def test_merger_forgets_old_minutes_and_keeps_windows_exact() -> None:
+    """Forgetting drops only minutes before the given one (and scans nothing when none is
+    due); windows kept up to date across it equal a merger given only what is left."""
+    old, recent = NOW - timedelta(days=40), NOW - timedelta(minutes=5)
+    merger, fresh = Merger(), Merger()
+    for at, event_id in ((old, "support:o"), (recent, "support:r")):
+        aggregator = PartitionAggregator()
+        for scope, minute in aggregator.apply(_event(event_id, "ticket_created", at)):
+            agg, mark = aggregator.minutes[(scope, minute)], at
+            merger.receive(0, scope, minute, agg, mark)
+            if at == recent:
+                fresh.receive(0, scope, minute, agg, mark)
+    merger.snapshots(5, EMITTED)
+    assert merger.forget_before(minute_of(old)) == []
+    gone = merger.forget_before(minute_of(recent))
+    assert sorted(gone) == [(0, "all", minute_of(old)), (0, "support", minute_of(old))]
+    assert merger.oldest == minute_of(recent)
+    assert merger.snapshots(5, EMITTED) == fresh.snapshots(5, EMITTED)
