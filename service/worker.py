@@ -81,7 +81,6 @@ _PARTITIONER = DefaultPartitioner()
 # broker accepted on a raw topic: the broker's size limits decide, not a client-side one. (With
 # Faust's default of 1 MB a larger raw record stopped the worker at every restart.)
 MAX_REQUEST_BYTES = 2**31 - 1  # the Kafka protocol's own bound (int32)
-PRODUCER_BATCH_BYTES = 1024 * 1024
 _FETCH_WAIT_MS: weakref.WeakKeyDictionary[faust.App, int] = weakref.WeakKeyDictionary()
 
 
@@ -139,11 +138,6 @@ def _faust_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         producer_acks=-1,
         producer_linger=0.005,
-        # aiokafka waits for a partition's full batch to be sent before it takes the next
-        # record, and Faust sends changelog records one after the other: 16 KB holds a few
-        # customer records (a timeline each). With a 200 000-message backlog, commits took up
-        # to 9 s with 16 KB batches and up to 3 s with 1 MB ones.
-        producer_max_batch_size=PRODUCER_BATCH_BYTES,
         producer_max_request_size=MAX_REQUEST_BYTES,
         consumer_auto_offset_reset="earliest",
         processing_guarantee="at_least_once",
