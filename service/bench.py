@@ -285,21 +285,27 @@ def percentiles(values_ms: list[float], points: tuple[float, ...]) -> dict[str, 
     return out
 
 
-def to_timeline_ms(raw: list[Record], timeline: list[Record]) -> list[float]:
-    """Per filed event: its timeline record's time minus its raw record's publish time. The
-    timeline record names its raw record (`source`); a replayed copy counts once, the first."""
+def filed_times(raw: list[Record], timeline: list[Record]) -> dict[str, tuple[int, int]]:
+    """Per filed event id: (its raw record's publish time, its first timeline record's time).
+    The timeline record names its raw record (`source`); a replayed copy counts once."""
     published: dict[tuple[Any, ...], int] = {
         (r.topic, r.partition, r.offset): r.timestamp_ms for r in raw
     }
-    first: dict[str, float] = {}
+    times: dict[str, tuple[int, int]] = {}
     for record in timeline:
         touchpoint = orjson.loads(record.value or b"{}")
         source = touchpoint.get("source") or {}
         sent = published.get((source.get("topic"), source.get("partition"), source.get("offset")))
         if sent is not None:
-            latency = record.timestamp_ms - sent
-            first[touchpoint["event_id"]] = min(latency, first.get(touchpoint["event_id"], latency))
-    return list(first.values())
+            earlier = times.get(touchpoint["event_id"])
+            if earlier is None or record.timestamp_ms < earlier[1]:
+                times[touchpoint["event_id"]] = (sent, record.timestamp_ms)
+    return times
+
+
+def to_timeline_ms(raw: list[Record], timeline: list[Record]) -> list[float]:
+    """Per filed event: its first timeline record's time minus its raw record's publish time."""
+    return [float(filed - sent) for sent, filed in filed_times(raw, timeline).values()]
 
 
 def to_snapshot_ms(publish_ms: list[int], snapshots: list[Record], key: str) -> list[float]:
@@ -432,14 +438,10 @@ def latency(settings: Settings, bootstrap: str, rate: float, count: int) -> dict
         snapshots = asyncio.run(read_all(bootstrap, [topics.metrics], idle=5.0))
     raw = asyncio.run(read_all(bootstrap, list(topics.raw_topics)))
     timeline = asyncio.run(read_all(bootstrap, [topics.timeline]))
-    first_filed = {
-        (tp["source"]["topic"], tp["source"]["partition"], tp["source"]["offset"])
-        for tp in (orjson.loads(r.value or b"{}") for r in timeline)
-    }
-    accepted_ms = [r.timestamp_ms for r in raw if (r.topic, r.partition, r.offset) in first_filed]
+    times = filed_times(raw, timeline)  # one pass over the timeline serves both measures
     longest = f"all/{max(WINDOWS, key=WINDOWS.__getitem__)}"
-    to_timeline = to_timeline_ms(raw, timeline)
-    to_snapshot = to_snapshot_ms(accepted_ms, snapshots, longest)
+    to_timeline = [float(filed - sent) for sent, filed in times.values()]
+    to_snapshot = to_snapshot_ms([sent for sent, _ in times.values()], snapshots, longest)
     points = (50, 99, 99.9)
     return {
         "mode": "latency",
