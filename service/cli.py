@@ -34,6 +34,7 @@ def _settings() -> Settings:
 def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     """Run a worker (plus `extra_services`) until SIGTERM/SIGINT -> exit code."""
     from service.kafka import ensure_topics, missing_outputs
+    from service.storage import DISCARDED, discard_unless_clean, mark_clean_stop
     from service.worker import build_worker, faust_worker_for
 
     try:
@@ -52,12 +53,22 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
             file=sys.stderr,
         )
         return 2
+    tables_dir = Path(worker.app.conf.tabledir)
+    if discard_unless_clean(settings.data_dir, tables_dir):
+
+        async def say_discarded() -> None:  # once the worker's logging is set up
+            log.warning(DISCARDED, extra={"tables": str(tables_dir)})
+
+        worker.app.task(say_discarded)
     faust_worker = faust_worker_for(worker, *extra_services)
+    code = 0
     try:
         faust_worker.execute_from_commandline()
     except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+        code = int(exc.code or 0)
+    if code == 0:
+        mark_clean_stop(settings.data_dir)
+    return code
 
 
 def cmd_worker(_: argparse.Namespace) -> int:

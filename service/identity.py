@@ -263,26 +263,35 @@ class FiledKeys:
     record over may still be on its way). Filed under its first key, it meets its first record
     (or follows that key's merge) and changes nothing.
 
+    Forgetting a customer keeps its events' slots but drops their key: a copy of one of them
+    read again after a crash (from any stage before this one, which re-sends what it had not
+    committed) is recognised and dropped (`forgotten`), instead of filing the person again
+    after the forget.
+
     Kept as a ring of `capacity` slots in the mapping (one write per event, no deletes);
     the in-memory index is rebuilt from the slots after each assignment (`reset`)."""
 
     def __init__(self, store: MutableMapping[str, Any], capacity: int = FILED_KEYS_KEPT) -> None:
         self.store = store
         self.capacity = capacity
-        self._index: OrderedDict[str, tuple[str, int]] | None = None  # id -> (key, n), oldest first
+        # id -> (key, n), oldest first; key None: filed under a customer since forgotten
+        self._index: OrderedDict[str, tuple[str | None, int]] | None = None
         self._next = 0
 
     def reset(self) -> None:
         """Forget the in-memory index (the partition was revoked): rebuilt at the next use."""
         self._index = None
 
-    def _loaded(self) -> OrderedDict[str, tuple[str, int]]:
+    def _loaded(self) -> OrderedDict[str, tuple[str | None, int]]:
         if self._index is None:
             found = [
                 value for slot in range(self.capacity) if (value := self.store.get(f"e|{slot}"))
             ]
             found.sort(key=lambda value: int(value["n"]))
-            self._index = OrderedDict((v["id"], (str(v["key"]), int(v["n"]))) for v in found)
+            self._index = OrderedDict()
+            for v in found:  # an id in two slots (filed again after a forget): the newer one
+                self._index.pop(v["id"], None)
+                self._index[v["id"]] = (None if v["key"] is None else str(v["key"]), int(v["n"]))
             self._next = int(found[-1]["n"]) + 1 if found else 0
         return self._index
 
@@ -292,7 +301,9 @@ class FiledKeys:
         index = self._loaded()
         known = index.get(event_id)
         if known is not None:
-            return known[0]
+            if known[0] is not None:
+                return known[0]
+            del index[event_id]  # filed again after a forget: remembered anew
         n = self._next
         self._next += 1
         while index:  # the event whose slot this one takes, if still there, is the oldest
@@ -304,10 +315,16 @@ class FiledKeys:
         index[event_id] = (key, n)
         return key
 
+    def forgotten(self, event_id: str) -> bool:
+        """Whether an event was filed under a customer forgotten since."""
+        known = self._loaded().get(event_id)
+        return known is not None and known[0] is None
+
     def forget(self, keys: set[str]) -> None:
-        """Drop the events filed under any of `keys` (a forgotten customer and its aliases)."""
+        """Drop the key of the events filed under any of `keys` (a forgotten customer and its
+        aliases), keeping their ids as forgotten."""
         index = self._loaded()
         for event_id, (key, n) in list(index.items()):
-            if key in keys:
-                del index[event_id]
-                self.store.pop(f"e|{n % self.capacity}", None)
+            if key is not None and key in keys:
+                index[event_id] = (None, n)
+                self.store[f"e|{n % self.capacity}"] = {"id": event_id, "key": None, "n": n}

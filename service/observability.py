@@ -92,6 +92,11 @@ class Metrics:
             "Right-to-be-forgotten requests carried out.",
             registry=registry,
         )
+        self.forgotten_replays = Counter(
+            "cxpulse_forgotten_events_dropped",
+            "Copies of a forgotten customer's events read again after a crash, dropped.",
+            registry=registry,
+        )
         self.latency = Histogram(
             "cxpulse_processing_latency_seconds",
             "From reading a raw message to publishing its timeline record.",

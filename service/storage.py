@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -33,6 +35,37 @@ def json_table(app: faust.App, name: str, partitions: int) -> Any:
     """A table keyed by strings (stored raw) holding JSON values."""
     schema: faust.Schema[Any, Any] = faust.Schema(key_serializer="raw", value_serializer="json")
     return app.Table(name, partitions=partitions, schema=schema, options=ROCKSDB_OPTIONS)
+
+
+# In the data directory: written when a worker stopped cleanly, removed when one starts.
+CLEAN_STOP = "clean-stop"
+DISCARDED = "the last run did not stop cleanly: local tables discarded, rebuilt from the changelogs"
+
+
+def discard_unless_clean(data_dir: Path, tables_dir: Path) -> bool:
+    """Local tables left by a run that did not stop cleanly -> removed (True).
+
+    Faust writes a table change to the local store at once and to its changelog a little
+    later. A crash (kill -9, a fatal error, the shutdown watchdog) can lose the changelog's
+    last records while the local store keeps them. The input behind them is read again (its
+    offset was not committed), but a stage that finds its change already made writes nothing
+    new, so the changelog would never get it: whoever rebuilds the table from its changelog
+    later (another worker taking the partition over, or this one after losing its disk) would
+    miss it; a forgotten customer could come back. Rebuilt from the changelogs now, the tables
+    hold what the changelogs hold, and the replay writes the changes again. The mark is
+    removed in either case: this run sets it again when it stops cleanly."""
+    mark = data_dir / CLEAN_STOP
+    clean = mark.exists()
+    mark.unlink(missing_ok=True)
+    if clean or not tables_dir.exists():
+        return False
+    shutil.rmtree(tables_dir)
+    return True
+
+
+def mark_clean_stop(data_dir: Path) -> None:
+    """Record that this run stopped cleanly: its local tables match their changelogs."""
+    (data_dir / CLEAN_STOP).write_text("local tables match their changelogs\n")
 
 
 _CLIENT_KWARGS: weakref.WeakKeyDictionary[faust.App, dict[str, Any]] = weakref.WeakKeyDictionary()

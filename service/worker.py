@@ -477,6 +477,11 @@ def build_worker(
         touchpoint = normalized.touchpoint
         key = touchpoint.customer_key
         merged: list[str] = []
+        if normalized.identifiers and filed_keys.forgotten(touchpoint.event_id):
+            # A copy read again after a crash, from before the forget (a stage upstream
+            # re-sends what it had not committed): linking it would bring the person back.
+            metrics.forgotten_replays.inc()
+            return
         if normalized.identifiers:
             resolution = graph.link(normalized.identifiers, touchpoint.event_id)
             key, merged = resolution.key, resolution.merges

@@ -738,10 +738,39 @@ async def test_identity_forget_removes_customer_and_aliases(
     assert unknown == [("anon-unknown", {"t": "forget"})]
     assert harness.count("cxpulse_customers_forgotten_total") == 2
     graph = harness.graph
-    # Only the other one is left: its identifier, its component, the key web:9 was filed under.
-    assert sorted(graph.store) == ["c|anon-z-1", "e|3", "i|anonymous_id|z-1"]
+    # Only the other one is left: its identifier, its component, the key web:9 was filed under;
+    # the forgotten customer's events keep their ids, without a key.
+    assert sorted(graph.store) == ["c|anon-z-1", "e|0", "e|1", "e|2", "e|3", "i|anonymous_id|z-1"]
     assert graph.store["e|3"] == {"id": "web:9", "key": "anon-z-1", "n": 3}
+    assert [graph.store[f"e|{n}"]["key"] for n in range(3)] == [None, None, None]
     assert graph.surviving("anon-b-1") is None
+    assert graph.surviving("anon-c-1") is None
+
+
+async def test_identity_drops_a_forgotten_event_read_again(harness: Harness) -> None:
+    """After a crash, a stage before the identity stage sends again what it had not committed:
+    a copy of a forgotten customer's event must not bring the customer back."""
+    async with harness.worker.agents["identity"].test_context() as agent:
+        link = await setup_link(agent)
+        await feed_identity(agent, FORGET_KEY, forget_command("anon-b-1"), 3)
+        before = len(harness.customers.sent)
+        await feed_identity(agent, b"chat:3", link, 4)  # a copy from before the forget
+        first = linking("web:1", NOW, 0, ident("anonymous_id", "b-1"))
+        await feed_identity(agent, b"web:1", first, 5)
+        dropped = commands(harness.customers)[before:]
+        fresh = linking("web:5", NOW, 6, ident("anonymous_id", "b-1"))
+        await feed_identity(agent, b"web:5", fresh, 6)  # a new event of the same person
+        after = commands(harness.customers)[before:]
+
+    assert dropped == []
+    assert harness.count("cxpulse_forgotten_events_dropped_total") == 2
+    assert len(harness.announced.sent) == 1, "no merge announced again"
+    key, event = event_command(after[0])
+    assert (len(after), key, event.event_id) == (1, "anon-b-1", "web:5")  # a new customer
+    graph = harness.graph
+    assert graph.component("anon-b-1") == {
+        "members": ["i|anonymous_id|b-1"], "cid": None, "aliases": []
+    }  # fmt: skip
     assert graph.surviving("anon-c-1") is None
 
 

@@ -14,6 +14,7 @@ from service.broker import EmbeddedBroker
 from service.canonical import Touchpoint
 from service.deadletter import DeadLetterHeaders, read_headers
 from service.simulate import SimMessage, generate
+from service.storage import DISCARDED
 from tests.kafka.harness import Scenario, WorkerProcess, publish, read_topic, total
 
 pytestmark = pytest.mark.kafka
@@ -138,6 +139,8 @@ def test_accounting_holds_across_a_restart(broker: EmbeddedBroker, tmp_path: Pat
         assert worker.stop() == 0, worker.log_tail()
     for name in ("consumed", "accepted", "duplicate", "deadletters"):
         counts[name] += _metric(samples, name)
+    # Stopped cleanly, the first worker's local tables were kept (README, "Local state").
+    assert DISCARDED not in (tmp_path / "worker-2.log").read_text()
 
     _check_outputs(scenario, everything, timeline_ids, dead)
     _, bad, duplicates = _expected(everything)

@@ -43,15 +43,34 @@ def test_rebuilt_from_the_store_after_a_reset_or_in_another_worker() -> None:
     assert other.first("web:1", "new") == "new"
 
 
-def test_forget_drops_the_events_of_the_forgotten_keys() -> None:
+def test_forget_keeps_the_ids_of_the_forgotten_keys_events_without_their_key() -> None:
     store: dict[str, Any] = {}
     filed = FiledKeys(store, capacity=4)
     filed.first("web:1", "anon-a")
     filed.first("web:2", "C1")
     filed.first("web:3", "anon-b")
     filed.forget({"anon-a", "C1"})
-    assert list(store.values()) == [{"id": "web:3", "key": "anon-b", "n": 2}]
-    assert filed.first("web:1", "anon-z") == "anon-z"
+    assert store == {
+        "e|0": {"id": "web:1", "key": None, "n": 0},
+        "e|1": {"id": "web:2", "key": None, "n": 1},
+        "e|2": {"id": "web:3", "key": "anon-b", "n": 2},
+    }
+    assert [filed.forgotten(f"web:{n}") for n in (1, 2, 3, 4)] == [True, True, False, False]
+    other = FiledKeys(dict(store), capacity=4)  # rebuilt elsewhere: still forgotten
+    assert [other.forgotten(f"web:{n}") for n in (1, 2, 3)] == [True, True, False]
     filed.first("web:4", "k4")
-    filed.first("web:5", "k5")  # slot 1 (web:5) after slot 0 (web:4): web:3 still kept
+    filed.first("web:5", "k5")  # slot 0 (web:1, forgotten) makes room; web:3 still kept
+    assert not filed.forgotten("web:1")
     assert filed.first("web:3", "new") == "anon-b"
+
+
+def test_a_forgotten_event_filed_again_is_remembered_anew() -> None:
+    store: dict[str, Any] = {}
+    filed = FiledKeys(store, capacity=4)
+    filed.first("web:1", "anon-a")
+    filed.forget({"anon-a"})
+    assert filed.first("web:1", "anon-z") == "anon-z"
+    assert not filed.forgotten("web:1")
+    other = FiledKeys(dict(store), capacity=4)  # two slots hold web:1: the newer one counts
+    assert other.first("web:1", "new") == "anon-z"
+    assert not other.forgotten("web:1")
