@@ -1,4 +1,5 @@
-"""Faust tables: RocksDB-backed, changelogged, with bounded memory; raw keys, JSON values."""
+"""Faust tables: RocksDB-backed, changelogged, with bounded memory; raw keys, JSON values;
+local tables discarded after a run that did not stop cleanly."""
 
 from __future__ import annotations
 
