@@ -201,23 +201,25 @@ class IdentityGraph:
 
         all_members: list[str] = []
         aliases: list[str] = []
-        for root in joined:
-            component = self.store[f"c|{root}"]
+        components = {root: self.store[f"c|{root}"] for root in joined}
+        for component in components.values():
             all_members.extend(component["members"])
             aliases.extend(component["aliases"])
         all_members.extend(new_members)
 
         key = component_key(all_members, chosen)
         merged = [root for root in joined if root != key]
-        for root in joined:
+        for root in merged:
             del self.store[f"c|{root}"]
         for old in merged:
             self.store[f"a|{old}"] = {"to": key, "by": event_id}
-        self.store[f"c|{key}"] = {
+        linked = {
             "members": sorted(set(all_members)),
             "cid": chosen,
             "aliases": sorted(set(aliases) | set(merged)),
         }
+        if components.get(key) != linked:  # most events change nothing: no changelog write
+            self.store[f"c|{key}"] = linked
         for member in set(all_members) - owned_elsewhere:
             if self.store.get(member) != key:
                 self.store[member] = key

@@ -36,6 +36,7 @@ import pytest
 import yaml
 
 from service.broker import EmbeddedBroker, free_port
+from service.metrics import SCOPES, WINDOWS
 from service.simulate import generate
 from tests.kafka.harness import Scenario, WorkerProcess, publish, total
 from tests.ops import (
@@ -180,7 +181,7 @@ def traffic(worker: WorkerProcess, prometheus: Server) -> int:
         )
     )
     asyncio.run(publish(worker.scenario.broker.bootstrap, worker.scenario.prefix, messages))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while total(worker.metrics(), "cxpulse_messages_consumed_total") < len(messages):
         assert time.monotonic() < deadline, worker.log_tail()
         time.sleep(0.2)
@@ -188,6 +189,14 @@ def traffic(worker: WorkerProcess, prometheus: Server) -> int:
     while True:
         result = prometheus.query("sum(cxpulse_messages_consumed_total)")["data"]["result"]
         if result and float(result[0]["value"][1]) >= len(messages):
+            break
+        assert time.monotonic() < deadline, prometheus.log_tail()
+        time.sleep(0.2)
+    # And has scraped the scores of every scope and window: a snapshot is published a moment
+    # after the last event is read (on a busy machine, a few seconds).
+    while True:
+        result = prometheus.query("count(cxpulse_nps_score)")["data"]["result"]
+        if result and float(result[0]["value"][1]) == len(SCOPES) * len(WINDOWS):
             break
         assert time.monotonic() < deadline, prometheus.log_tail()
         time.sleep(0.2)

@@ -157,6 +157,37 @@ def test_link_single_event_and_relink_is_stable() -> None:
     assert graph.surviving("anon-nobody") is None
 
 
+class _Writes(dict[str, Any]):
+    """A store that records every write and delete (each one a changelog record)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.writes.append(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.writes.append(f"-{key}")
+        super().__delitem__(key)
+
+
+def test_link_that_changes_nothing_writes_nothing() -> None:
+    store = _Writes()
+    graph = IdentityGraph(store)
+    a, e = ident("anonymous_id", "a-1"), ident("email", "ana@example.com")
+    key = graph.link([a, e], "web:1").key
+    store.writes.clear()
+    assert graph.link([e], "support:1").key == key
+    assert graph.link([a, e], "web:2").key == key
+    assert store.writes == []
+    c = ident("customer_id", "C9")
+    assert graph.link([a, c], "web:3").key == "C9"  # re-keyed: the old component goes
+    assert store.writes[:3] == [f"-c|{key}", f"a|{key}", "c|C9"]
+    assert sorted(store.writes[3:]) == sorted([member(a), member(e), member(c)])
+
+
 def test_link_without_identifiers_is_refused() -> None:
     with pytest.raises(ValueError, match="solo_key"):
         IdentityGraph({}).link([], "web:1")
