@@ -40,6 +40,8 @@ Publish = Callable[[faust.TopicT, bytes | None, bytes | None], Awaitable[None]]
 # Events are kept this long behind a partition's watermark: a window looks back 30 days and a
 # thread join 30 days before that.
 KEEP = LONGEST + LONGEST + timedelta(days=1)
+# In a metrics table record: the offset its event was read at (not a touchpoint field).
+OFFSET = "_offset"
 
 
 def metrics_key(touchpoint: dict[str, Any]) -> bytes:
@@ -55,6 +57,8 @@ class MetricsState:
     """In-memory views of the two tables, rebuilt after every assignment."""
 
     parts: dict[int, PartitionAggregator] = field(default_factory=dict)
+    # partition -> the last offset its aggregator has applied (the version of its partials)
+    versions: dict[int, int] = field(default_factory=dict)
     dirty: dict[int, set[tuple[Scope, int]]] = field(default_factory=dict)
     merger: Merger | None = None
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -84,15 +88,20 @@ def wire_metrics(
         if found is None:
             found = PartitionAggregator()
             prefix = f"{partition}|"
-            kept = [
-                Touchpoint.model_validate(event, strict=False)
+            records = [
+                dict(event)
                 for key, value in events_table.items()
                 if text_key(key).startswith(prefix)
                 # a value is one event (in 0.1.0 it was a whole minute: {id: event})
                 for event in ([value] if "event_id" in value else value.values())
             ]
+            # Records are written in offset order, so the newest one's offset is the version:
+            # every event up to it is in the table (0.1.0 records carry none: -1).
+            version = max((int(r.pop(OFFSET, -1)) for r in records), default=-1)
+            kept = [Touchpoint.model_validate(record, strict=False) for record in records]
             # Every restored bucket is sent again: what was sent before a crash is unknown.
             state.dirty.setdefault(partition, set()).update(found.restore(kept))
+            state.versions[partition] = max(state.versions.get(partition, -1), version)
             state.parts[partition] = found
         return found
 
@@ -103,6 +112,7 @@ def wire_metrics(
                 state.merger.receive(
                     int(value["p"]), value["scope"], int(value["minute"]),
                     MinuteAgg.from_json(value["agg"]), from_epoch_ms(int(value["wm"])),
+                    int(value.get("v", -1)),
                 )  # fmt: skip
         return state.merger
 
@@ -113,6 +123,8 @@ def wire_metrics(
         parts = aggregator(partition)
         late_before = parts.late
         changed = parts.apply(touchpoint)
+        # Whatever it did, the aggregates now reflect every event up to this offset.
+        state.versions[partition] = max(state.versions.get(partition, -1), message.offset)
         if parts.late != late_before:
             metrics.late.labels(channel=touchpoint.channel).inc()
             return
@@ -121,7 +133,9 @@ def wire_metrics(
         # One record per event: a record per minute grew with the minute's traffic, and each
         # event wrote it whole again (quadratic under a steady rate).
         minute = minute_of(touchpoint.occurred_at)
-        events_table[f"{partition}|{minute}|{touchpoint.event_id}"] = orjson.loads(message.value)
+        record = orjson.loads(message.value)
+        record[OFFSET] = message.offset
+        events_table[f"{partition}|{minute}|{touchpoint.event_id}"] = record
         state.dirty.setdefault(partition, set()).update(changed)
         if parts.watermark is not None:
             gone = parts.forget_before(minute_of(parts.watermark - KEEP))
@@ -134,12 +148,15 @@ def wire_metrics(
         """A partition's minute aggregate -> the merger (replacing the one before)."""
         value = orjson.loads(message.value or b"{}")
         key = (message.key or b"").decode()
-        partials_table[key] = value
         merged = merger()
-        merged.receive(
+        if not merged.receive(
             int(value["p"]), value["scope"], int(value["minute"]),
             MinuteAgg.from_json(value["agg"]), from_epoch_ms(int(value["wm"])),
-        )  # fmt: skip
+            int(value.get("v", -1)),
+        ):  # fmt: skip
+            metrics.stale_partials.inc()
+            return
+        partials_table[key] = value
         end = merged.window_end
         if end is not None:
             for partition, scope, minute in merged.forget_before(minute_of(end - LONGEST)):
@@ -147,6 +164,7 @@ def wire_metrics(
 
     def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         state.parts.clear()
+        state.versions.clear()
         state.dirty.clear()
         state.merger = None
 
@@ -182,6 +200,7 @@ def wire_metrics(
                 value = {
                     "p": partition, "scope": scope, "minute": minute,
                     "agg": agg.to_json(), "wm": epoch_ms(parts.watermark),
+                    "v": state.versions.get(partition, -1),
                 }  # fmt: skip
                 try:
                     await publish(

@@ -92,6 +92,11 @@ class Metrics:
             "Right-to-be-forgotten requests carried out.",
             registry=registry,
         )
+        self.stale_partials = Counter(
+            "cxpulse_metrics_stale_partials",
+            "Partition aggregates older than the one the merger holds (sent late), ignored.",
+            registry=registry,
+        )
         self.forgotten_replays = Counter(
             "cxpulse_forgotten_events_dropped",
             "Copies of a forgotten customer's events read again after a crash, dropped.",

@@ -323,6 +323,8 @@ class Merger:
     scopes and windows, not the events in them."""
 
     partials: dict[tuple[int, Scope, int], MinuteAgg] = field(default_factory=dict)
+    # partial key -> the version it was sent at: the last offset its partition had applied
+    versions: dict[tuple[int, Scope, int], int] = field(default_factory=dict)
     totals: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
     watermarks: dict[int, datetime] = field(default_factory=dict)
     # (scope, window) -> its total, for windows ending at `windows_end` (a minute number)
@@ -332,9 +334,24 @@ class Merger:
     oldest: int | None = field(default=None, compare=False, repr=False)
 
     def receive(
-        self, partition: int, scope: Scope, minute: int, agg: MinuteAgg, watermark: datetime
-    ) -> None:
-        """Replace one partition's aggregate of one minute (idempotent)."""
+        self,
+        partition: int,
+        scope: Scope,
+        minute: int,
+        agg: MinuteAgg,
+        watermark: datetime,
+        version: int = -1,
+    ) -> bool:
+        """Replace one partition's aggregate of one minute (idempotent) -> False when it is
+        older than the one held (a lower `version`), and ignored.
+
+        A partition's aggregates at version V count exactly its events up to offset V,
+        whichever worker sent them. An older one can come after a newer one: a worker paused
+        past its session sends what its producer held when it resumes, after its successor's."""
+        held = self.versions.get((partition, scope, minute))
+        if held is not None and version < held:
+            return False
+        self.versions[(partition, scope, minute)] = version
         agg = agg.copy()  # the sender may go on changing its own
         total = self.totals.setdefault((scope, minute), MinuteAgg())
         old = self.partials.get((partition, scope, minute))
@@ -353,6 +370,7 @@ class Merger:
         self.oldest = minute if self.oldest is None else min(self.oldest, minute)
         if partition not in self.watermarks or watermark > self.watermarks[partition]:
             self.watermarks[partition] = watermark
+        return True
 
     @property
     def window_end(self) -> datetime | None:
@@ -390,6 +408,7 @@ class Merger:
         gone = [key for key in self.partials if key[2] < minute]
         for key in gone:
             del self.partials[key]
+            self.versions.pop(key, None)
         for total_key in [key for key in self.totals if key[1] < minute]:
             del self.totals[total_key]
         self.oldest = min((key[2] for key in self.partials), default=None)

@@ -48,7 +48,9 @@ from service.deadletter import (
 )
 from service.forget import FORGET_KEY, forget_command
 from service.identity import IdentityGraph, is_placeholder, provisional_key
+from service.metrics import Derived
 from service.profile import Profile
+from service.rolling import MinuteAgg
 from service.settings import load_settings
 from service.simulate import SimMessage, generate
 from service.worker import StrKeys, Worker, build_worker, faust_worker_for
@@ -1187,7 +1189,8 @@ async def test_metrics_partition_counts_each_event_once_and_merger_sums(harness:
     table = harness.worker.app.tables["metrics"]
     # One record per event: a minute's record written whole per event was quadratic.
     assert sorted(StrKeys(table)) == [f"2|{minute}|web:m-1", f"2|{minute}|web:m-2"]
-    assert table[f"2|{minute}|web:m-2"] == orjson.loads(second)
+    assert table[f"2|{minute}|web:m-2"] == {**orjson.loads(second), "_offset": 2}
+    assert state.versions[2] == 2  # the aggregates count every event up to offset 2
 
     partial = {
         "p": 2, "scope": "all", "minute": minute, "agg": bucket.to_json(),
@@ -1219,6 +1222,49 @@ async def test_metrics_partition_restores_events_and_0_1_0_minute_records(
         await feed(agent, "cx.internal.metrics", b"web:m-1", orjson.dumps(old), 2, 1)  # again
     bucket = harness.worker.metrics_state.parts[2].minutes[("all", minute)]
     assert (bucket.events, len(bucket.customers)) == (2, 2)
+
+
+async def test_metrics_partition_version_is_restored_from_its_table(harness: Harness) -> None:
+    """A partition's partials carry the last offset it applied; rebuilt from the table after
+    a rebalance, it starts from the newest record's offset."""
+    state = harness.worker.metrics_state
+    events = [touchpoint(f"web:v-{n}", NOW, n, f"C-{n}").model_dump_json().encode() for n in (0, 1)]
+    async with harness.worker.agents["metrics"].test_context() as agent:
+        await feed(agent, "cx.internal.metrics", b"web:v-0", events[0], 1, 7)
+        await feed(agent, "cx.internal.metrics", b"web:v-1", events[1], 1, 9)
+        await feed(agent, "cx.internal.metrics", b"web:v-1", events[1], 1, 12)  # a copy
+        assert state.versions[1] == 12
+        state.parts.clear()  # as after a rebalance
+        state.versions.clear()
+        await feed(agent, "cx.internal.metrics", b"web:v-0", events[0], 1, 7)  # read again
+        assert state.versions[1] == 9  # the newest record's offset: 12 wrote nothing
+
+
+async def test_merger_ignores_a_partial_older_than_the_one_it_holds(harness: Harness) -> None:
+    """A worker paused past its session sends, when it resumes, what its producer held: an
+    aggregate older than its successor's may come after it."""
+    minute = int(NOW.timestamp() // 60)
+    one = touchpoint("web:m-1", NOW, 0, "C-1")
+    newer, older = MinuteAgg(), MinuteAgg()
+    for event in (one, touchpoint("web:m-2", NOW, 1, "C-2")):
+        newer.add(MinuteAgg.of(event, Derived()))
+    older.add(MinuteAgg.of(one, Derived()))
+    key = f"2|all|{minute}"
+
+    def partial(agg: MinuteAgg, version: int) -> bytes:
+        return orjson.dumps({
+            "p": 2, "scope": "all", "minute": minute, "agg": agg.to_json(),
+            "wm": int(NOW.timestamp() * 1000), "v": version,
+        })  # fmt: skip
+
+    async with harness.worker.agents["merger"].test_context() as agent:
+        await feed(agent, "cx.internal.partials", key.encode(), partial(newer, 9), 0, 0)
+        await feed(agent, "cx.internal.partials", key.encode(), partial(older, 5), 0, 1)
+    merger = harness.worker.metrics_state.merger
+    assert merger is not None
+    assert {s.key: s.events for s in merger.snapshots(30, NOW)}["all/1h"] == 2
+    assert harness.worker.app.tables["partials"][key]["v"] == 9
+    assert harness.count("cxpulse_metrics_stale_partials_total") == 1
 
 
 # --- replays after a crash: filed once, under one key -------------------------------------

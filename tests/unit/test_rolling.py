@@ -43,10 +43,14 @@ def stream(
     events: list[Touchpoint], partitions: int, rng: random.Random, resend_share: float
 ) -> Merger:
     """Run events through partitions and a merger, sending changed buckets at random moments
-    (sometimes twice), with some events delivered again and snapshots taken in between."""
+    (sometimes twice), with some events delivered again and snapshots taken in between. Now
+    and then an aggregate sent earlier arrives again late (as from a worker that was paused),
+    with its older version."""
     aggregators = [PartitionAggregator() for _ in range(partitions)]
+    offsets = [-1] * partitions  # each partition's last offset read: its partials' version
     merger = Merger()
     pending: set[tuple[int, str, int]] = set()
+    sent_before: dict[tuple[int, str, int], list[tuple[int, MinuteAgg, datetime]]] = {}
 
     def flush() -> None:
         for partition, scope, minute in sorted(pending):
@@ -54,8 +58,14 @@ def stream(
             agg = aggregator.minutes.get((scope, minute), MinuteAgg())
             assert aggregator.watermark is not None
             sent = MinuteAgg.from_json(orjson.loads(orjson.dumps(agg.to_json())))
+            version = offsets[partition]
             for _ in range(rng.choice((1, 1, 2))):
-                merger.receive(partition, scope, minute, sent, aggregator.watermark)
+                merger.receive(partition, scope, minute, sent, aggregator.watermark, version)
+            earlier = sent_before.setdefault((partition, scope, minute), [])
+            if earlier and rng.random() < 0.3:
+                old_version, old, mark = rng.choice(earlier)
+                assert not merger.receive(partition, scope, minute, old, mark, old_version)
+            earlier.append((version, sent, aggregator.watermark))
         pending.clear()
         if rng.random() < 0.5:  # as an emit tick would: windows kept up to date from here
             merger.snapshots(5, EMITTED)
@@ -63,6 +73,7 @@ def stream(
     for event in events:
         for _ in range(2 if rng.random() < resend_share else 1):
             partition = zlib.crc32(partition_key(event).encode()) % partitions
+            offsets[partition] += 1
             for scope, minute in aggregators[partition].apply(event):
                 pending.add((partition, scope, minute))
         if rng.random() < 0.2:
