@@ -139,7 +139,8 @@ def test_accounting_holds_across_a_restart(broker: EmbeddedBroker, tmp_path: Pat
         assert worker.stop() == 0, worker.log_tail()
     for name in ("consumed", "accepted", "duplicate", "deadletters"):
         counts[name] += _metric(samples, name)
-    # Stopped cleanly, the first worker's local tables were kept (README, "Local state").
+    # Stopped cleanly, the first worker kept its local tables (README, "Local state after a
+    # crash").
     assert DISCARDED not in (tmp_path / "worker-2.log").read_text()
 
     _check_outputs(scenario, everything, timeline_ids, dead)
