@@ -209,9 +209,8 @@ class IdentityGraph:
 
         key = component_key(all_members, chosen)
         merged = [root for root in joined if root != key]
-        for root in merged:
-            del self.store[f"c|{root}"]
         for old in merged:
+            del self.store[f"c|{old}"]
             self.store[f"a|{old}"] = {"to": key, "by": event_id}
         linked = {
             "members": sorted(set(all_members)),

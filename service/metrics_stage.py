@@ -109,11 +109,7 @@ def wire_metrics(
         if state.merger is None:
             state.merger = Merger()
             for value in partials_table.values():
-                state.merger.receive(
-                    int(value["p"]), value["scope"], int(value["minute"]),
-                    MinuteAgg.from_json(value["agg"]), from_epoch_ms(int(value["wm"])),
-                    int(value.get("v", -1)),
-                )  # fmt: skip
+                _receive(state.merger, value)
         return state.merger
 
     async def handle_event(message: Any) -> None:
@@ -149,11 +145,7 @@ def wire_metrics(
         value = orjson.loads(message.value or b"{}")
         key = (message.key or b"").decode()
         merged = merger()
-        if not merged.receive(
-            int(value["p"]), value["scope"], int(value["minute"]),
-            MinuteAgg.from_json(value["agg"]), from_epoch_ms(int(value["wm"])),
-            int(value.get("v", -1)),
-        ):  # fmt: skip
+        if not _receive(merged, value):
             metrics.stale_partials.inc()
             return
         partials_table[key] = value
@@ -238,6 +230,16 @@ def wire_metrics(
         "merger": app.agent(partials_stream, name="merger")(agent("merger", handle_partial)),
     }
     return state, agents, partials_table
+
+
+def _receive(merger: Merger, partial: dict[str, Any]) -> bool:
+    """A partial as sent (or kept in the partials table) -> the merger; False: older, ignored.
+    Partials of 0.1.0 carry no version: -1."""
+    return merger.receive(
+        int(partial["p"]), partial["scope"], int(partial["minute"]),
+        MinuteAgg.from_json(partial["agg"]), from_epoch_ms(int(partial["wm"])),
+        int(partial.get("v", -1)),
+    )  # fmt: skip
 
 
 async def _unless_stopping(app: faust.App, work: Callable[[], Awaitable[None]]) -> None:
