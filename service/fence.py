@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka.consumer.group_coordinator import GroupCoordinator
-from faust.tables.base import Collection
 
 
 class Fenced(Exception):
@@ -67,20 +66,9 @@ _FENCES: weakref.WeakValueDictionary[str, SessionFence] = weakref.WeakValueDicti
 
 def register(app: Any, group_id: str, fence: SessionFence) -> None:
     """Have heartbeats answered for `group_id` confirm `fence`, and refuse `app`'s table
-    writes while it is stale (`Fenced`, raised before the store or its changelog changes)."""
+    writes while it is stale (`refuse_if_stale`)."""
     _FENCES[group_id] = fence
     _APP_FENCES[app] = fence
-    if not getattr(Collection, "_cx_fenced", False):
-        send_changelog = Collection.send_changelog
-
-        def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-            found = _APP_FENCES.get(self.app)
-            if found is not None and found.stale():
-                raise Fenced("session expired: table write refused")
-            return send_changelog(self, *args, **kwargs)
-
-        setattr(Collection, "send_changelog", guarded)  # noqa: B010 - monkeypatch on purpose
-        setattr(Collection, "_cx_fenced", True)  # noqa: B010
     if getattr(GroupCoordinator, "_cx_fenced", False):
         return
     original = GroupCoordinator._do_heartbeat
@@ -93,3 +81,11 @@ def register(app: Any, group_id: str, fence: SessionFence) -> None:
 
     setattr(GroupCoordinator, "_do_heartbeat", heartbeat)  # noqa: B010 - monkeypatch on purpose
     setattr(GroupCoordinator, "_cx_fenced", True)  # noqa: B010
+
+
+def refuse_if_stale(app: Any) -> None:
+    """Raise `Fenced` when `app`'s session is stale: called by a table before it changes
+    anything, so that a refused write leaves neither the store nor its changelog changed."""
+    found = _APP_FENCES.get(app)
+    if found is not None and found.stale():
+        raise Fenced("session expired: table write refused")

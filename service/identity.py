@@ -176,16 +176,16 @@ class IdentityGraph:
             raise ValueError("an event with no identifier has a key of its own (solo_key)")
         members = list(dict.fromkeys(_member(i) for i in identifiers))
         event_cid = next((i.value for i in identifiers if i.kind == "customer_id"), None)
+        # Each key is read once (a store read is a RocksDB get and a JSON decode).
+        owners = {m: self.store.get(m) for m in members}
+        components: dict[str, dict[str, Any]] = {}
+        for owner in dict.fromkeys(owners.values()):
+            if owner is not None and (found := self.store.get(f"c|{owner}")) is not None:
+                components[owner] = found
         # A pointer to a component that is not there is what a crash between the writes of
         # one link leaves (each key is its own changelog record): that identifier is new again.
-        roots = list(
-            dict.fromkeys(
-                r
-                for m in members
-                if (r := self.store.get(m)) is not None and f"c|{r}" in self.store
-            )
-        )
-        cids = {root: self.store[f"c|{root}"]["cid"] for root in roots}
+        roots = list(components)
+        cids = {root: components[root]["cid"] for root in roots}
 
         # Which customer_id the result carries: the event's own, else the one the candidates
         # agree on; candidates with another customer_id are refused.
@@ -196,15 +196,14 @@ class IdentityGraph:
         joined = [root for root in roots if cids[root] in (None, chosen)]
         refused = [root for root in roots if root not in joined]
         # An identifier already owned by a refused customer stays there.
-        owned_elsewhere = {m for m in members if self.store.get(m) in refused}
-        new_members = [m for m in members if self.store.get(m) not in roots]
+        owned_elsewhere = {m for m in members if owners[m] in refused}
+        new_members = [m for m in members if owners[m] not in roots]
 
         all_members: list[str] = []
         aliases: list[str] = []
-        components = {root: self.store[f"c|{root}"] for root in joined}
-        for component in components.values():
-            all_members.extend(component["members"])
-            aliases.extend(component["aliases"])
+        for root in joined:
+            all_members.extend(components[root]["members"])
+            aliases.extend(components[root]["aliases"])
         all_members.extend(new_members)
 
         key = component_key(all_members, chosen)
@@ -217,10 +216,13 @@ class IdentityGraph:
             "cid": chosen,
             "aliases": sorted(set(aliases) | set(merged)),
         }
-        if components.get(key) != linked:  # most events change nothing: no changelog write
+        if key not in joined or components[key] != linked:  # most events change nothing
             self.store[f"c|{key}"] = linked
         for member in set(all_members) - owned_elsewhere:
-            if self.store.get(member) != key:
+            # Members of a joined component not shown by this event: their pointers are read
+            # here; the event's own were read above.
+            owner = owners[member] if member in owners else self.store.get(member)
+            if owner != key:
                 self.store[member] = key
         return Resolution(key=key, merges=merged, refused=len(refused))
 

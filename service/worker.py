@@ -42,7 +42,15 @@ from service.observability import Metrics
 from service.parse import Limits, Rejected, parse
 from service.profile import profile
 from service.settings import SecurityProtocol, Settings
-from service.storage import json_table, recover_to_true_ends, text_key
+from service.storage import (
+    BufferedTable,
+    ChangelogSend,
+    discard_pending,
+    flush_changelogs,
+    json_table,
+    recover_to_true_ends,
+    text_key,
+)
 from service.timeline import Bounds, Record, absorb, add_event, as_filed
 from service.topics import Topics
 
@@ -179,6 +187,15 @@ def producer_send(app: faust.App) -> Send:
     return send
 
 
+def producer_changelog_send(app: faust.App) -> ChangelogSend:
+    """An app -> a ChangelogSend straight to its Kafka producer (see `BufferedTable`)."""
+
+    async def send(topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
+        return await app.producer.send(topic, key, value, partition, None, None)
+
+    return send
+
+
 @dataclass
 class Worker:
     """A configured Faust app with its agents, topics, state, metrics and readiness."""
@@ -205,6 +222,7 @@ class Worker:
     customers_table: Any
     fence: SessionFence
     send: Send
+    send_changelog: ChangelogSend
     agents: dict[str, faust.types.AgentT[Any]] = field(default_factory=dict)
     metrics_state: MetricsState = field(default_factory=MetricsState)
     partials_table: Any = None
@@ -367,6 +385,7 @@ def build_worker(
         customers_table=json_table(app, "customers", settings.partitions),
         fence=SessionFence(settings.kafka_session_timeout.total_seconds()),
         send=producer_send(app),
+        send_changelog=producer_changelog_send(app),
     )
     fence = worker.fence
     register(app, settings.consumer_group, fence)
@@ -574,6 +593,12 @@ def build_worker(
                 # before): forgetting there again, after it, keeps it from coming back.
                 await to_customer(str(record["alias_of"]), {"t": "forget"})
 
+    tables: list[BufferedTable] = []  # every table, once all are declared
+
+    def on_changelog_failed(exc: BaseException) -> None:
+        metrics.processing_errors.labels(stage="publish").inc()
+        on_fatal("publish", exc)
+
     def agent(stage: str, handle: Callable[[Message], Awaitable[None]]) -> Any:
         async def run(stream: faust.StreamT[bytes]) -> None:
             async for event in stream.events():
@@ -581,8 +606,11 @@ def build_worker(
                     if fence.stale():
                         await fence.wait_current(rebalancing)
                     await handle(event.message)
+                    # Before the acknowledgement: a commit flushes the producer, not these.
+                    await flush_changelogs(tables, worker.send_changelog, on_changelog_failed)
                     mark_handled(event.message)  # only now may its offset be committed
                 except Fenced:
+                    discard_pending(tables)
                     # Released unacknowledged: its offset is never committed, and whoever
                     # owns the partition after the rebalance reads it again.
                     metrics.released.labels(stage=stage).inc()
@@ -616,6 +644,7 @@ def build_worker(
         clock,
     )
     worker.agents.update(metric_agents)
+    tables.extend(t for t in app.tables.values() if isinstance(t, BufferedTable))
 
     @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def freshness() -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -105,6 +106,24 @@ class Capture:
 
 
 @dataclass
+class ChangelogCapture:
+    """Stands in for the worker's changelog send: records (topic, partition, key, value) and
+    returns a future already delivered at the next offset of that partition."""
+
+    sent: list[tuple[str, int, bytes, bytes | None]] = field(default_factory=list)
+    ends: Counter[tuple[str, int]] = field(default_factory=Counter)
+
+    async def send(self, topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
+        await asyncio.sleep(0)
+        self.sent.append((topic, partition, key, value))
+        offset = self.ends[topic, partition]
+        self.ends[topic, partition] += 1
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(SimpleNamespace(topic=topic, partition=partition, offset=offset))
+        return done
+
+
+@dataclass
 class Harness:
     worker: Worker
     registry: CollectorRegistry
@@ -120,6 +139,7 @@ class Harness:
     partials: Capture  # minute aggregates (metrics partitions -> merger)
     snapshots: Capture  # cx.metrics
     fatal: list[tuple[str, BaseException]]
+    changelog: ChangelogCapture
 
     def count(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -199,9 +219,11 @@ def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
         return await by_topic[id(topic)].send(key=key, value=value, headers=headers)
 
     worker.send = send
+    changelog = ChangelogCapture()
+    worker.send_changelog = changelog.send
     # The forget request is queued by Topic.send (outside any stage).
     monkeypatch.setattr(worker.identity_stream, "send", by_topic[id(worker.identity_stream)].send)
-    return Harness(worker, registry, *captures, fatal)
+    return Harness(worker, registry, *captures, fatal, changelog)
 
 
 @pytest.fixture
@@ -626,6 +648,28 @@ async def setup_link(agent: Any) -> bytes:
     link = linking("chat:3", at, 2, ident("visitor_id", "c-1"), ident("anonymous_id", "b-1"))
     await feed_identity(agent, b"chat:3", link, 2)
     return link
+
+
+async def test_identity_changelog_rebuilds_the_graph_exactly(harness: Harness) -> None:
+    """Table writes reach the changelog after each message, one record per key (the last
+    value, None for a delete): replayed in order, the records give the table back, merged
+    customers' deletes included."""
+    async with harness.worker.agents["identity"].test_context() as agent:
+        await setup_link(agent)
+        per_message = [len(harness.changelog.sent)]
+        await feed_identity(agent, b"chat:4", linking("chat:4", NOW, 3, ident("email", "x")), 3)
+        per_message.append(len(harness.changelog.sent))
+    rebuilt: dict[str, Any] = {}
+    changelog = harness.worker.identity_table.changelog_topic.get_topic_name()
+    for topic, partition, key, value in harness.changelog.sent:
+        assert (topic, partition) == (changelog, 0)
+        rebuilt[key.decode()] = None if value is None else orjson.loads(value)
+    table = {key: value for key, value in rebuilt.items() if value is not None}
+    assert table == dict(StrKeys(harness.worker.identity_table).items())
+    assert rebuilt["c|anon-c-1"] is None  # merged away: deleted, then its alias written
+    assert rebuilt["a|anon-c-1"] == {"to": "anon-b-1", "by": "chat:3"}
+    last = [key for _, _, key, _ in harness.changelog.sent[per_message[0] : per_message[1]]]
+    assert sorted(last) == [b"c|anon-x", b"e|3", b"i|email|x"]  # a new customer, nothing else
 
 
 async def test_identity_link_merges_two_anonymous_customers(harness: Harness) -> None:

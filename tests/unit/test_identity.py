@@ -4,6 +4,7 @@ union-find."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -171,6 +172,38 @@ class _Writes(dict[str, Any]):
     def __delitem__(self, key: str) -> None:
         self.writes.append(f"-{key}")
         super().__delitem__(key)
+
+
+class _Reads(dict[str, Any]):
+    """A store that counts the reads of each key (each one a RocksDB get and a decode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: Counter[str] = Counter()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads[key] += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.reads[key] += 1
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.reads[str(key)] += 1
+        return super().__contains__(key)
+
+
+def test_link_reads_each_key_once() -> None:
+    store = _Reads()
+    graph = IdentityGraph(store)
+    a, v, e = ident("anonymous_id", "a-1"), ident("visitor_id", "v-1"), ident("email", "x@y.io")
+    graph.link([a], "web:1")
+    graph.link([v, e], "chat:1")
+    store.reads.clear()
+    graph.link([a, e], "web:2")  # merges the two: every member and component is read
+    assert store.reads
+    assert max(store.reads.values()) == 1, store.reads
 
 
 def test_link_that_changes_nothing_writes_nothing() -> None:
