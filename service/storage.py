@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
-import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.tables.recovery import Recovery
 from faust.types import TP
@@ -57,8 +56,16 @@ class BufferedTable(faust.Table[Any, Any]):
         self.pending: dict[tuple[int, str | bytes], Any] = {}
         self._persisted: dict[int, int] = {}  # partition -> newest delivered changelog offset
 
-    def on_key_get(self, key: Any) -> None:
-        """Faust's sensors only: nothing here reads them."""
+    def __getitem__(self, key: Any) -> Any:
+        # One store read: Faust's asks the store whether the key is there first (for a
+        # table's default value, which these tables have none of), then reads it.
+        return self.data[key]  # KeyError when missing
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            return self.data[key]
+        except KeyError:
+            return default
 
     def on_key_set(self, key: Any, value: Any) -> None:
         self._pend(key, value)
@@ -73,6 +80,20 @@ class BufferedTable(faust.Table[Any, Any]):
             raise TypeError(f"table {self.name}: no partition for a write outside a stage")
         self.pending.pop((partition, key), None)  # the newest write goes last
         self.pending[(partition, key)] = value
+
+    def encode_key(self, key: Any) -> bytes:
+        encoded = self.app.serializers.dumps_key(self.key_type, key, serializer=self.key_serializer)
+        if encoded is None:
+            raise TypeError(f"table {self.name}: a key cannot be None")
+        return encoded
+
+    def encode_value(self, value: Any) -> bytes | None:
+        """A value -> its changelog bytes; None (a delete) -> a tombstone."""
+        if value is None:
+            return None
+        return self.app.serializers.dumps_value(
+            self.value_type, value, serializer=self.value_serializer
+        )
 
     def delivered(self, partition: int, offset: int) -> None:
         """Keep the newest changelog offset delivered; the store learns it once per loop turn
@@ -117,9 +138,8 @@ async def flush_changelogs(
         pending, table.pending = table.pending, {}
         topic = table.changelog_topic.get_topic_name()
         for (partition, key), value in pending.items():
-            raw_key = key if isinstance(key, bytes) else str(key).encode()
-            raw = None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
-            future = await send(topic, partition, raw_key, raw)
+            # Encoded as Faust encodes them, for its recovery to read them back.
+            future = await send(topic, partition, table.encode_key(key), table.encode_value(value))
             future.add_done_callback(partial(_on_delivered, table, on_failed))
 
 

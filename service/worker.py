@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from typing import Any, cast
 import faust
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
+from faust.sensors.monitor import Monitor
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from faust.types.tuples import Message
 from mode import ServiceT
 from prometheus_client import CollectorRegistry
@@ -125,6 +128,32 @@ def _credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredent
     return None
 
 
+class QuietMonitor(Monitor):
+    """Faust's monitor without its per-message statistics (nothing here reads them; the
+    service's own metrics are in Prometheus): it keeps only when each partition's stream last
+    took an event, which Faust's slow-processing warnings compare against."""
+
+    def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
+        return None
+
+    def on_stream_event_in(self, tp: TP, offset: int, stream: Any, event: Any) -> None:
+        self.stream_inbound_time[tp] = time.monotonic()
+
+    def on_stream_event_out(
+        self, tp: TP, offset: int, stream: Any, event: Any, state: Any = None
+    ) -> None:
+        return None
+
+    def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
+        return None
+
+    def on_send_initiated(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def on_send_completed(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def _faust_app(settings: Settings) -> faust.App:
     session = settings.kafka_session_timeout.total_seconds()
     app = faust.App(
@@ -152,6 +181,7 @@ def _faust_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         recovery_consistency_check=settings.recovery_consistency_check,
         canonical_url=settings.advertised_url,
+        monitor=QuietMonitor(),
     )
     _FETCH_WAIT_MS[app] = int(settings.kafka_fetch_max_wait.total_seconds() * 1000)
     return app

@@ -663,13 +663,15 @@ async def test_identity_changelog_rebuilds_the_graph_exactly(harness: Harness) -
     changelog = harness.worker.identity_table.changelog_topic.get_topic_name()
     for topic, partition, key, value in harness.changelog.sent:
         assert (topic, partition) == (changelog, 0)
-        rebuilt[key.decode()] = None if value is None else orjson.loads(value)
+        rebuilt[orjson.loads(key)] = None if value is None else orjson.loads(value)
     table = {key: value for key, value in rebuilt.items() if value is not None}
     assert table == dict(StrKeys(harness.worker.identity_table).items())
     assert rebuilt["c|anon-c-1"] is None  # merged away: deleted, then its alias written
     assert rebuilt["a|anon-c-1"] == {"to": "anon-b-1", "by": "chat:3"}
-    last = [key for _, _, key, _ in harness.changelog.sent[per_message[0] : per_message[1]]]
-    assert sorted(last) == [b"c|anon-x", b"e|3", b"i|email|x"]  # a new customer, nothing else
+    last = [
+        orjson.loads(k) for _, _, k, _ in harness.changelog.sent[per_message[0] : per_message[1]]
+    ]
+    assert sorted(last) == ["c|anon-x", "e|3", "i|email|x"]  # a new customer, nothing else
 
 
 async def test_identity_link_merges_two_anonymous_customers(harness: Harness) -> None:
