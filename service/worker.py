@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import faust
 import orjson
-from aiokafka.partitioner import DefaultPartitioner
 from faust.sensors.monitor import Monitor
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -37,7 +36,7 @@ from service.fence import Fenced, SessionFence, register
 from service.forget import FORGET_KEY, forget_command
 from service.http import HttpService, ShutdownWatchdog, make_web_app
 from service.identity import FiledKeys, IdentityGraph
-from service.kafka import kafka_client_kwargs, ssl_context
+from service.kafka import CachedPartitioner, kafka_client_kwargs, ssl_context
 from service.logs import logging_config
 from service.metrics_stage import MetricsState, metrics_key, wire_metrics
 from service.normalize import normalize
@@ -87,7 +86,7 @@ def ingest_one(
         return Rejected("processing_error", f"{type(exc).__name__} while processing")
 
 
-_PARTITIONER = DefaultPartitioner()
+_PARTITIONER = CachedPartitioner()
 # A dead letter carries the original record unchanged, so the producer must take any record the
 # broker accepted on a raw topic: the broker's size limits decide, not a client-side one. (With
 # Faust's default of 1 MB a larger raw record stopped the worker at every restart.)
@@ -182,6 +181,7 @@ def _faust_app(settings: Settings) -> faust.App:
         recovery_consistency_check=settings.recovery_consistency_check,
         canonical_url=settings.advertised_url,
         monitor=QuietMonitor(),
+        producer_partitioner=_PARTITIONER,
     )
     _FETCH_WAIT_MS[app] = int(settings.kafka_fetch_max_wait.total_seconds() * 1000)
     return app
