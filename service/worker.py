@@ -47,7 +47,6 @@ from service.settings import SecurityProtocol, Settings
 from service.storage import (
     BufferedTable,
     ChangelogSend,
-    discard_pending,
     flush_changelogs,
     json_table,
     recover_to_true_ends,
@@ -635,12 +634,15 @@ def build_worker(
                 try:
                     if fence.stale():
                         await fence.wait_current(rebalancing)
-                    await handle(event.message)
-                    # Before the acknowledgement: a commit flushes the producer, not these.
-                    await flush_changelogs(tables, worker.send_changelog, on_changelog_failed)
+                    try:
+                        await handle(event.message)
+                    finally:
+                        # Before the acknowledgement (a commit flushes the producer, not
+                        # these), and also for a message released below: what it wrote is
+                        # in the local store already, and the changelog must have it too.
+                        await flush_changelogs(tables, worker.send_changelog, on_changelog_failed)
                     mark_handled(event.message)  # only now may its offset be committed
                 except Fenced:
-                    discard_pending(tables)
                     # Released unacknowledged: its offset is never committed, and whoever
                     # owns the partition after the rebalance reads it again.
                     metrics.released.labels(stage=stage).inc()
