@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.stores.base import SerializedStore
 from faust.tables.recovery import Recovery
 from faust.types import TP
 
@@ -52,8 +53,9 @@ class BufferedTable(faust.Table[Any, Any]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # (partition, key) -> value (None: deleted), in the order of the last write
-        self.pending: dict[tuple[int, str | bytes], Any] = {}
+        # (partition, encoded key) -> encoded value (None: deleted), in the order of the last
+        # write; encoded as Faust encodes them, for its recovery to read them back
+        self.pending: dict[tuple[int, bytes], bytes | None] = {}
         self._persisted: dict[int, int] = {}  # partition -> newest delivered changelog offset
 
     def __getitem__(self, key: Any) -> Any:
@@ -67,19 +69,39 @@ class BufferedTable(faust.Table[Any, Any]):
         except KeyError:
             return default
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        store = self.data
+        if isinstance(store, SerializedStore):  # encoded once, for the store and the changelog
+            raw_key, raw = store._encode_key(key), store._encode_value(value)
+            self._pend(key, raw_key, raw)
+            store._set(raw_key, raw)
+        else:  # the memory store (agent tests) keeps the objects themselves
+            self.on_key_set(key, value)
+            store[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        store = self.data
+        if isinstance(store, SerializedStore):
+            raw_key = store._encode_key(key)
+            self._pend(key, raw_key, None)
+            store._del(raw_key)
+        else:
+            self.on_key_del(key)
+            del store[key]
+
     def on_key_set(self, key: Any, value: Any) -> None:
-        self._pend(key, value)
+        self._pend(key, self.encode_key(key), self.encode_value(value))
 
     def on_key_del(self, key: Any) -> None:
-        self._pend(key, None)
+        self._pend(key, self.encode_key(key), None)
 
-    def _pend(self, key: Any, value: Any) -> None:
-        refuse_if_stale(self.app)
+    def _pend(self, key: Any, raw_key: bytes, raw: bytes | None) -> None:
+        refuse_if_stale(self.app)  # before the store changes
         partition = self.partition_for_key(key)
         if partition is None:  # never for these tables: keys live where their event came from
             raise TypeError(f"table {self.name}: no partition for a write outside a stage")
-        self.pending.pop((partition, key), None)  # the newest write goes last
-        self.pending[(partition, key)] = value
+        self.pending.pop((partition, raw_key), None)  # the newest write goes last
+        self.pending[(partition, raw_key)] = raw
 
     def encode_key(self, key: Any) -> bytes:
         encoded = self.app.serializers.dumps_key(self.key_type, key, serializer=self.key_serializer)
@@ -138,8 +160,7 @@ async def flush_changelogs(
         pending, table.pending = table.pending, {}
         topic = table.changelog_topic.get_topic_name()
         for (partition, key), value in pending.items():
-            # Encoded as Faust encodes them, for its recovery to read them back.
-            future = await send(topic, partition, table.encode_key(key), table.encode_value(value))
+            future = await send(topic, partition, key, value)
             future.add_done_callback(partial(_on_delivered, table, on_failed))
 
 
