@@ -423,12 +423,16 @@ def build_worker(
     graph = IdentityGraph(StrKeys(worker.identity_table))
     filed_keys = FiledKeys(StrKeys(worker.identity_table))
 
+    def publish_failed(exc: BaseException) -> None:
+        # A lost output or changelog record must stop the worker before it commits past the
+        # input.
+        metrics.processing_errors.labels(stage="publish").inc()
+        on_fatal("publish", exc)
+
     def on_sent(fut: asyncio.Future[Any]) -> None:
-        # A lost output must stop the worker before it commits past the input.
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None:
-            metrics.processing_errors.labels(stage="publish").inc()
-            on_fatal("publish", exc)
+            publish_failed(exc)
 
     def rebalancing() -> bool:
         return bool(app.rebalancing or app.should_stop)
@@ -624,10 +628,6 @@ def build_worker(
 
     tables: list[BufferedTable] = []  # every table, once all are declared
 
-    def on_changelog_failed(exc: BaseException) -> None:
-        metrics.processing_errors.labels(stage="publish").inc()
-        on_fatal("publish", exc)
-
     def agent(stage: str, handle: Callable[[Message], Awaitable[None]]) -> Any:
         async def run(stream: faust.StreamT[bytes]) -> None:
             async for event in stream.events():
@@ -640,7 +640,7 @@ def build_worker(
                         # Before the acknowledgement (a commit flushes the producer, not
                         # these), and also for a message released below: what it wrote is
                         # in the local store already, and the changelog must have it too.
-                        await flush_changelogs(tables, worker.send_changelog, on_changelog_failed)
+                        await flush_changelogs(tables, worker.send_changelog, publish_failed)
                     mark_handled(event.message)  # only now may its offset be committed
                 except Fenced:
                     # Released unacknowledged: its offset is never committed, and whoever

@@ -837,6 +837,30 @@ async def test_identity_failure_is_fatal_and_never_acks_the_message(harness: Har
     assert harness.customers.sent == []
 
 
+async def test_a_changelog_record_not_delivered_is_fatal(harness: Harness) -> None:
+    """The broker refuses a table's changelog record: the worker stops (on_fatal) rather than
+    commit past a message whose state change no rebuild would see."""
+
+    async def refused(topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(RuntimeError("changelog write refused"))
+        return failed
+
+    harness.worker.send_changelog = refused
+    async with harness.worker.agents["accept"].test_context() as agent:
+        message = build_message(agent, ACCEPTED, b"web:e-1", normalized("web:e-1", NOW, 0), 0, 0)
+        channel = agent.stream().channel
+        await channel.put(await channel.decode(message))
+        for _ in range(1000):
+            if harness.fatal:
+                break
+            await asyncio.sleep(0)
+    [(stage, exc)] = harness.fatal
+    assert stage == "publish"
+    assert "changelog write refused" in str(exc)
+    assert harness.count("cxpulse_processing_errors_total", stage="publish") == 1
+
+
 # --- customers ---------------------------------------------------------------------------
 
 
