@@ -282,6 +282,23 @@ async def feed(
     await put_message(agent, build_message(agent, topic, key, value, partition, offset))
 
 
+async def put_and_wait_fatal(harness: Harness, agent: Any, message: Message) -> None:
+    """Hand one message to an agent and wait for its on_fatal."""
+    channel = agent.stream().channel
+    await channel.put(await channel.decode(message))
+    for _ in range(2000):
+        if harness.fatal:
+            break
+        await asyncio.sleep(0)
+    assert harness.fatal, "no on_fatal: the failing event would have been acked"
+
+
+async def put_until_fatal(harness: Harness, agent: Any, message: Message) -> None:
+    """Hand one message to an agent and wait for its on_fatal; it must stay unacked."""
+    await put_and_wait_fatal(harness, agent, message)
+    assert not message.acked, "acked: at-least-once would commit past the failed event"
+
+
 def key_partition(key: bytes) -> int:
     """A stable key -> partition map (any will do: equal keys must meet in one partition)."""
     return zlib.crc32(key) % PARTITIONS
@@ -549,18 +566,13 @@ async def test_accept_failure_is_fatal_and_never_acks_the_message(
     monkeypatch.setattr(service.worker, "classify", failing_classify)
     async with harness.worker.agents["accept"].test_context() as agent:
         value = normalized("web:e-1", NOW, 0)
-        message = build_message(agent, ACCEPTED, b"web:e-1", value, 0, 0)
-        channel = agent.stream().channel
-        await channel.put(await channel.decode(message))
-        for _ in range(1000):
-            if harness.fatal:
-                break
-            await asyncio.sleep(0)
+        await put_until_fatal(
+            harness, agent, build_message(agent, ACCEPTED, b"web:e-1", value, 0, 0)
+        )
         [(stage, exc)] = harness.fatal
         assert stage == "accept"
         assert isinstance(exc, RuntimeError)
         assert "dedup store unavailable" in str(exc)
-        assert not message.acked, "acked, so at-least-once would commit past an unhandled event"
     assert harness.identity.sent == []
 
 
@@ -825,15 +837,9 @@ async def test_identity_drops_a_forgotten_event_read_again(harness: Harness) -> 
 async def test_identity_failure_is_fatal_and_never_acks_the_message(harness: Harness) -> None:
     async with harness.worker.agents["identity"].test_context() as agent:
         message = build_message(agent, IDENTITY_STREAM, b"web:1", b"{not json", 0, 0)
-        channel = agent.stream().channel
-        await channel.put(await channel.decode(message))
-        for _ in range(1000):
-            if harness.fatal:
-                break
-            await asyncio.sleep(0)
+        await put_until_fatal(harness, agent, message)
         [(stage, _)] = harness.fatal
         assert stage == "identity"
-        assert not message.acked
     assert harness.customers.sent == []
 
 
@@ -849,12 +855,10 @@ async def test_a_changelog_record_not_delivered_is_fatal(harness: Harness) -> No
     harness.worker.send_changelog = refused
     async with harness.worker.agents["accept"].test_context() as agent:
         message = build_message(agent, ACCEPTED, b"web:e-1", normalized("web:e-1", NOW, 0), 0, 0)
-        channel = agent.stream().channel
-        await channel.put(await channel.decode(message))
-        for _ in range(1000):
-            if harness.fatal:
-                break
-            await asyncio.sleep(0)
+        # A delivery is known after the stage has moved on (as for outputs): what holds the
+        # offset back is the commit, which flushes the producer first; on_fatal ends the
+        # process as soon as the record fails, before the commit resumes.
+        await put_and_wait_fatal(harness, agent, message)
     [(stage, exc)] = harness.fatal
     assert stage == "publish"
     assert "changelog write refused" in str(exc)

@@ -20,7 +20,6 @@ from typing import Any
 
 import orjson
 import pytest
-from faust.types.tuples import Message
 
 from service.alerts import alerts_for
 from service.broker import EmbeddedBroker
@@ -38,6 +37,7 @@ from tests.agent.test_worker_agents import (
     feed,
     make_harness,
     normalized,
+    put_until_fatal,
     raw_event,
     touchpoint,
 )
@@ -79,18 +79,6 @@ async def test_ingest_fault_is_a_processing_error_dead_letter(harness: Harness, 
     assert (
         harness.count("cxpulse_deadletters_total", channel="chat", reason="processing_error") == 1
     )
-
-
-async def put_until_fatal(harness: Harness, agent: Any, message: Message) -> None:
-    """Hand one message to an agent and wait for its on_fatal; it must stay unacked."""
-    channel = agent.stream().channel
-    await channel.put(await channel.decode(message))
-    for _ in range(2000):
-        if harness.fatal:
-            break
-        await asyncio.sleep(0)
-    assert harness.fatal, "no on_fatal: the failing event would have been acked"
-    assert not message.acked, "acked: at-least-once would commit past the failed event"
 
 
 def detractor(event_id: str, key: str) -> dict[str, Any]:
