@@ -23,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from service.canonical import Touchpoint
 from service.metrics import (
     DEFINITIONS_VERSION,
@@ -65,40 +67,82 @@ def partition_key(event: Touchpoint) -> str:
     return thread_key(event) or event.event_id
 
 
-@dataclass
+class _Empty(Counter[Any]):
+    """The one empty counter every `MinuteAgg` starts with, shared: most minutes of a scope
+    have a few events, and nine fresh counters each were most of the metrics state's memory.
+    It refuses writes, so a caller that forgets to replace it fails instead of sharing them."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise TypeError("the shared empty counter is read-only")
+
+    def __delitem__(self, key: Any) -> None:
+        raise TypeError("the shared empty counter is read-only")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        if any(arg is not None for arg in args) or kwargs:  # Counter() itself calls update()
+            raise TypeError("the shared empty counter is read-only")
+
+
+_EMPTY: Counter[Any] = _Empty()
+_ZERO = Decimal(0)
+
+
+def _empty() -> Counter[Any]:
+    return _EMPTY
+
+
+def _counter(pairs: list[list[Any]]) -> Counter[Any]:
+    return Counter(dict(pairs)) if pairs else _EMPTY
+
+
+@dataclass(slots=True)
 class MinuteAgg:
-    """What the events of one minute (and scope) contribute: counters of raw values."""
+    """What the events of one minute (and scope) contribute: counters of raw values.
+
+    A counter no event has touched is the shared read-only `_EMPTY`; `add` gives it its own
+    before the first write."""
 
     events: int = 0
-    customers: Counter[str] = field(default_factory=Counter)
-    nps: Counter[int] = field(default_factory=Counter)
-    csat: Counter[int] = field(default_factory=Counter)
-    ces: Counter[int] = field(default_factory=Counter)
-    sentiment: Counter[float] = field(default_factory=Counter)
-    kinds: Counter[str] = field(default_factory=Counter)
-    resolution: Counter[float] = field(default_factory=Counter)
+    customers: Counter[str] = field(default_factory=_empty)
+    nps: Counter[int] = field(default_factory=_empty)
+    csat: Counter[int] = field(default_factory=_empty)
+    ces: Counter[int] = field(default_factory=_empty)
+    sentiment: Counter[float] = field(default_factory=_empty)
+    kinds: Counter[str] = field(default_factory=_empty)
+    resolution: Counter[float] = field(default_factory=_empty)
     first_solves: int = 0
     first_contact: int = 0
     closes: int = 0
     contained: int = 0
-    revenue: Decimal = Decimal(0)
-    closed_accounts: Counter[str] = field(default_factory=Counter)
-    detractors: Counter[str] = field(default_factory=Counter)
+    revenue: Decimal = _ZERO
+    closed_accounts: Counter[str] = field(default_factory=_empty)
+    detractors: Counter[str] = field(default_factory=_empty)
 
     def add(self, other: MinuteAgg, sign: int = 1) -> None:
         """Add (sign 1) or take away (sign -1) another aggregate."""
         self.events += sign * other.events
         for name in _COUNTERS:
+            theirs: Counter[object] = getattr(other, name)
+            if not theirs:
+                continue
             mine: Counter[object] = getattr(self, name)
-            for value, count in getattr(other, name).items():
-                mine[value] += sign * count
-                if not mine[value]:
+            if mine is _EMPTY:
+                mine = Counter()
+                setattr(self, name, mine)
+            for value, count in theirs.items():
+                total = mine[value] + sign * count
+                if total:
+                    mine[value] = total
+                else:
                     del mine[value]
         self.first_solves += sign * other.first_solves
         self.first_contact += sign * other.first_contact
         self.closes += sign * other.closes
         self.contained += sign * other.contained
-        self.revenue += sign * other.revenue
+        if other.revenue is not _ZERO:
+            # Skipping the shared zero leaves the sum as it was: every amount has at most
+            # six decimals and no exponent, and a sum never becomes -0 (it starts at +0).
+            self.revenue += sign * other.revenue
 
     def copy(self) -> MinuteAgg:
         duplicate = MinuteAgg()
@@ -128,29 +172,33 @@ class MinuteAgg:
             revenue=Decimal(value["revenue"]),
         )
         for name in _COUNTERS:
-            setattr(agg, name, Counter(dict(value[name])))
+            setattr(agg, name, _counter(value[name]))
         return agg
 
     @classmethod
     def of(cls, event: Touchpoint, derived: Derived) -> MinuteAgg:
         """One event (and what it means in its thread) -> its contribution."""
-        agg = cls(events=1, customers=Counter([event.customer_key]), kinds=Counter([event.kind]))
+        key = event.customer_key
+        agg = cls(events=1, customers=Counter((key,)), kinds=Counter((event.kind,)))
         ratings = event.ratings
-        for name, value in (("nps", ratings.nps), ("csat", ratings.csat), ("ces", ratings.ces)):
-            if value is not None:
-                getattr(agg, name)[value] += 1
-        if ratings.nps is not None and ratings.nps <= 6:
-            agg.detractors[event.customer_key] += 1
+        if ratings.nps is not None:
+            agg.nps = Counter((ratings.nps,))
+            if ratings.nps <= 6:
+                agg.detractors = Counter((key,))
+        if ratings.csat is not None:
+            agg.csat = Counter((ratings.csat,))
+        if ratings.ces is not None:
+            agg.ces = Counter((ratings.ces,))
         if event.sentiment is not None:
-            agg.sentiment[event.sentiment] += 1
+            agg.sentiment = Counter((event.sentiment,))
         if event.kind in ("purchase", "return") and event.amount is not None:
             amount = Decimal(event.amount)
             agg.revenue = amount if event.kind == "purchase" else -amount
         if event.kind == "account_closed":
-            agg.closed_accounts[event.customer_key] += 1
+            agg.closed_accounts = Counter((key,))
         if event.kind == "ticket_solved":
             if derived.resolution_seconds is not None:
-                agg.resolution[derived.resolution_seconds] += 1
+                agg.resolution = Counter((derived.resolution_seconds,))
             agg.first_solves = int(derived.first_solve)
             agg.first_contact = int(derived.first_contact)
         if event.kind == "conversation_closed":
@@ -308,9 +356,12 @@ class PartitionAggregator:
         self, event: Touchpoint, derived: Derived, sign: int, changed: set[tuple[Scope, int]]
     ) -> None:
         minute = minute_of(event.occurred_at)
+        contribution = MinuteAgg.of(event, derived)
         for scope in _scopes(event):
-            bucket = self.minutes.setdefault((scope, minute), MinuteAgg())
-            bucket.add(MinuteAgg.of(event, derived), sign)
+            bucket = self.minutes.get((scope, minute))
+            if bucket is None:
+                bucket = self.minutes[(scope, minute)] = MinuteAgg()
+            bucket.add(contribution, sign)
             changed.add((scope, minute))
 
 
@@ -322,9 +373,10 @@ class Merger:
     rebuilt only when the window end moves to another minute: an emit tick costs the number of
     scopes and windows, not the events in them."""
 
-    partials: dict[tuple[int, Scope, int], MinuteAgg] = field(default_factory=dict)
-    # partial key -> the version it was sent at: the last offset its partition had applied
-    versions: dict[tuple[int, Scope, int], int] = field(default_factory=dict)
+    # partial key -> (the version it was sent at: the last offset its partition had applied,
+    # the aggregate as JSON). Encoded: a few hundred bytes instead of a few kilobytes of
+    # objects, and it is only read again when the partial is replaced.
+    partials: dict[tuple[int, Scope, int], tuple[int, bytes]] = field(default_factory=dict)
     totals: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
     watermarks: dict[int, datetime] = field(default_factory=dict)
     # (scope, window) -> its total, for windows ending at `windows_end` (a minute number)
@@ -348,13 +400,14 @@ class Merger:
         A partition's aggregates at version V count exactly its events up to offset V,
         whichever worker sent them. An older one can come after a newer one: a worker paused
         past its session sends what its producer held when it resumes, after its successor's."""
-        held = self.versions.get((partition, scope, minute))
-        if held is not None and version < held:
+        key = (partition, scope, minute)
+        held = self.partials.get(key)
+        if held is not None and version < held[0]:
             return False
-        self.versions[(partition, scope, minute)] = version
-        agg = agg.copy()  # the sender may go on changing its own
-        total = self.totals.setdefault((scope, minute), MinuteAgg())
-        old = self.partials.get((partition, scope, minute))
+        old = None if held is None else MinuteAgg.from_json(orjson.loads(held[1]))
+        total = self.totals.get((scope, minute))
+        if total is None:
+            total = self.totals[(scope, minute)] = MinuteAgg()
         touched = [total]
         if self.windows_end is not None:
             touched += [
@@ -366,7 +419,9 @@ class Merger:
             if old is not None:
                 running.add(old, -1)
             running.add(agg)
-        self.partials[(partition, scope, minute)] = agg
+        # Copied to its own size: orjson's result keeps its 4 KiB buffer.
+        encoded = memoryview(orjson.dumps(agg.to_json())).tobytes()
+        self.partials[key] = (version, encoded)
         self.oldest = minute if self.oldest is None else min(self.oldest, minute)
         if partition not in self.watermarks or watermark > self.watermarks[partition]:
             self.watermarks[partition] = watermark
@@ -408,7 +463,6 @@ class Merger:
         gone = [key for key in self.partials if key[2] < minute]
         for key in gone:
             del self.partials[key]
-            self.versions.pop(key, None)
         for total_key in [key for key in self.totals if key[1] < minute]:
             del self.totals[total_key]
         self.oldest = min((key[2] for key in self.partials), default=None)

@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 # Faust's RocksDB defaults (64 MiB write buffers x3, a 2 GiB block cache) are per partition
 # database: with a few dozen of them a worker could grow to gigabytes. These bound each
-# database to ~16 MiB of memtables and an 8 MiB block cache.
+# database to ~2 MiB of memtables and a 1 MiB block cache (26 databases with 8 partitions):
+# 8 MiB each cost 44 MB of RSS at 20 000 messages, with no measurable throughput gain.
 ROCKSDB_OPTIONS = {
-    "write_buffer_size": 8 << 20,
+    "write_buffer_size": 1 << 20,
     "max_write_buffer_number": 2,
-    "block_cache_size": 8 << 20,
+    "block_cache_size": 1 << 20,
 }
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.canonical import Ratings, Source, Touchpoint
-from service.metrics import reference_snapshots
+from service.metrics import Derived, reference_snapshots
 from service.normalize import normalize
 from service.parse import Limits, Rejected, parse
 from service.rolling import Merger, MinuteAgg, PartitionAggregator, minute_of, partition_key
@@ -164,3 +164,51 @@ def test_merger_forgets_old_minutes_and_keeps_windows_exact() -> None:
     assert sorted(gone) == [(0, "all", minute_of(old)), (0, "support", minute_of(old))]
     assert merger.oldest == minute_of(recent)
     assert merger.snapshots(5, EMITTED) == fresh.snapshots(5, EMITTED)
+
+
+def test_untouched_counters_are_shared_and_refuse_writes() -> None:
+    """A new aggregate's counters are one shared empty counter (memory): adding to one
+    aggregate gives it its own, and leaves every other aggregate empty."""
+    first, second = MinuteAgg(), MinuteAgg()
+    assert first.customers is second.nps
+    first.add(MinuteAgg.of(_event("support:a", "ticket_created", NOW), Derived()))
+    assert first.customers == {"C-1": 1}
+    assert first.kinds == {"ticket_created": 1}
+    assert not second.customers
+    assert not MinuteAgg().kinds
+    with pytest.raises(TypeError):
+        second.nps[9] += 1
+    with pytest.raises(TypeError):
+        second.nps.update([9])
+
+
+def test_taking_an_aggregate_away_leaves_an_empty_one() -> None:
+    sale = _event("support:a", "ticket_created", NOW).model_copy(
+        update={"kind": "purchase", "amount": "12.50", "ratings": Ratings(nps=3, csat=5, ces=2)}
+    )
+    agg = MinuteAgg()
+    contribution = MinuteAgg.of(sale, Derived())
+    agg.add(contribution)
+    assert str(agg.revenue) == "12.50"
+    assert agg.detractors == {"C-1": 1}
+    agg.add(MinuteAgg.of(_event("support:b", "ticket_created", NOW), Derived()))
+    assert str(agg.revenue) == "12.50"  # an event without an amount leaves it as written
+    agg.add(contribution, -1)
+    assert agg.events == 1
+    assert (agg.nps, agg.csat, agg.ces, agg.detractors) == ({}, {}, {}, {})
+    assert agg.customers == {"C-1": 1}
+    assert str(agg.revenue) == "0.00"
+    assert MinuteAgg.from_json(orjson.loads(orjson.dumps(agg.to_json()))) == agg
+
+
+def test_a_replaced_partial_is_taken_away_whole() -> None:
+    """The merger keeps partials encoded: replacing one takes exactly the old one away."""
+    merger = Merger()
+    first, second = MinuteAgg(), MinuteAgg()
+    first.add(MinuteAgg.of(_event("support:a", "ticket_created", NOW), Derived()))
+    second.add(MinuteAgg.of(_event("support:b", "ticket_solved", NOW), Derived()))
+    minute = minute_of(NOW)
+    assert merger.receive(0, "all", minute, first, NOW, version=1)
+    assert merger.receive(0, "all", minute, second, NOW, version=2)
+    assert not merger.receive(0, "all", minute, first, NOW, version=1)  # older: ignored
+    assert merger.totals[("all", minute)] == second
