@@ -38,11 +38,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import Field
 
-from service.canonical import CHANNELS, Canonical, Touchpoint, UtcMillis
+from service.canonical import CHANNELS, Canonical, Channel, Kind, Touchpoint, UtcMillis
 
 DEFINITIONS_VERSION = 1
 
@@ -241,7 +241,20 @@ def thread_key(event: Touchpoint) -> str | None:
     return None
 
 
-def derive(thread: Sequence[Touchpoint]) -> dict[str, Derived]:
+class Joinable(Protocol):
+    """What `derive` reads of a thread's event (a touchpoint, or what is kept of one)."""
+
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def channel(self) -> Channel: ...
+    @property
+    def kind(self) -> Kind: ...
+    @property
+    def occurred_at(self) -> datetime: ...
+
+
+def derive(thread: Sequence[Joinable]) -> dict[str, Derived]:
     """The on-time events of one ticket or conversation -> event id -> what it means.
 
     Every join looks back (or ahead) at most `JOIN_SPAN`, so a thread's events older than

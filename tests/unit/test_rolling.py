@@ -17,7 +17,14 @@ from service.canonical import Ratings, Source, Touchpoint
 from service.metrics import Derived, reference_snapshots
 from service.normalize import normalize
 from service.parse import Limits, Rejected, parse
-from service.rolling import Merger, MinuteAgg, PartitionAggregator, minute_of, partition_key
+from service.rolling import (
+    Merger,
+    MinuteAgg,
+    PartitionAggregator,
+    ThreadEvent,
+    minute_of,
+    partition_key,
+)
 from service.simulate import generate
 
 pytestmark = pytest.mark.unit
@@ -212,3 +219,15 @@ def test_a_replaced_partial_is_taken_away_whole() -> None:
     assert merger.receive(0, "all", minute, second, NOW, version=2)
     assert not merger.receive(0, "all", minute, first, NOW, version=1)  # older: ignored
     assert merger.totals[("all", minute)] == second
+
+
+def test_a_thread_keeps_what_its_joins_read_and_not_the_text() -> None:
+    event = _event("support:a", "ticket_created", NOW).model_copy(
+        update={"text": "my order never came"}
+    )
+    aggregator = PartitionAggregator()
+    aggregator.apply(event)
+    (kept,) = aggregator.threads["support:T-1"]
+    assert kept == ThreadEvent.of(event)
+    assert (kept.event_id, kept.kind, kept.customer_key) == ("support:a", "ticket_created", "C-1")
+    assert not hasattr(kept, "text")
