@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -155,6 +155,37 @@ def sentiment_block(samples: Sequence[float]) -> SentimentBlock:
         return SentimentBlock(mean=None, samples=0)
     total = sum((Decimal(repr(value)) for value in samples), Decimal(0))
     return SentimentBlock(mean=round2(float(total / len(samples))), samples=len(samples))
+
+
+def sentiment_block_of_counts(counts: Mapping[float, int]) -> SentimentBlock:
+    """Sentiment score -> how many times it was seen -> the same block as `sentiment_block`
+    of every sample (each product is exact, as is the sum), in time proportional to the
+    distinct scores: a 30-day window holds one sample per text event."""
+    n = sum(counts.values())
+    if not n:
+        return SentimentBlock(mean=None, samples=0)
+    total = sum((Decimal(repr(value)) * count for value, count in counts.items()), Decimal(0))
+    return SentimentBlock(mean=round2(float(total / n)), samples=n)
+
+
+def median_of_counts(counts: Mapping[float, int]) -> float | None:
+    """Value -> how many times it was seen -> `statistics.median` of every sample (None when
+    there is none), without listing them."""
+    n = sum(counts.values())
+    if not n:
+        return None
+    ordered = sorted(counts.items())
+
+    def sample(position: int) -> float:  # the sorted samples' element at `position`
+        seen = 0
+        for value, count in ordered:
+            seen += count
+            if seen > position:
+                return value
+        raise IndexError(position)
+
+    high = sample(n // 2)
+    return high if n % 2 else (sample(n // 2 - 1) + high) / 2
 
 
 def nps_block(scores: Sequence[int], min_responses: int) -> NpsBlock:

@@ -16,7 +16,6 @@ functions as the reference, from the same numbers.
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -42,9 +41,10 @@ from service.metrics import (
     ces_block,
     csat_block,
     derive,
+    median_of_counts,
     nps_block,
     round2,
-    sentiment_block,
+    sentiment_block_of_counts,
     thread_key,
     window_end_for,
 )
@@ -206,11 +206,6 @@ class MinuteAgg:
         return agg
 
 
-def _median(values: Counter[float]) -> float | None:
-    samples = list(values.elements())
-    return statistics.median(samples) if samples else None
-
-
 def snapshot_of(
     agg: MinuteAgg,
     scope: Scope,
@@ -221,7 +216,7 @@ def snapshot_of(
 ) -> Snapshot:
     """A window's summed aggregate -> its snapshot (the same formulas as the reference)."""
     kinds = agg.kinds
-    median = _median(agg.resolution)
+    median = median_of_counts(agg.resolution)
     return Snapshot(
         scope=scope,
         window=window,
@@ -233,7 +228,7 @@ def snapshot_of(
         nps=nps_block(list(agg.nps.elements()), min_responses),
         csat=csat_block(list(agg.csat.elements()), min_responses),
         ces=ces_block(list(agg.ces.elements()), min_responses),
-        sentiment=sentiment_block(list(agg.sentiment.elements())),
+        sentiment=sentiment_block_of_counts(agg.sentiment),
         support=SupportBlock(
             tickets_created=kinds["ticket_created"],
             tickets_solved=kinds["ticket_solved"],

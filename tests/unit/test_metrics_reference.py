@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import re
+import statistics
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -19,9 +21,12 @@ from service.metrics import (
     Snapshot,
     ces_block,
     csat_block,
+    median_of_counts,
     nps_block,
     on_time,
     reference_snapshots,
+    sentiment_block,
+    sentiment_block_of_counts,
     window_end_for,
 )
 
@@ -838,3 +843,24 @@ def test_all_scope_is_sum_of_channels(events: list[Touchpoint]) -> None:
 def test_snapshots_round_trip_through_json(events: list[Touchpoint]) -> None:
     for s in reference_snapshots(events, 3, EMITTED):
         assert Snapshot.model_validate_json(s.model_dump_json()) == s
+
+
+# --- blocks from counts (the streaming path) equal the blocks from every sample -----------
+
+# Scores as `normalize` gives them (4 decimals), and finer ones; a sum of such scores never
+# needs more than the 28 digits of Decimal's context, so both ways are exact.
+_SENTIMENTS = st.sampled_from((4, 12)).flatmap(
+    lambda places: st.floats(-1.0, 1.0, allow_nan=False).map(lambda x: round(x, places))
+)
+
+
+@given(st.lists(_SENTIMENTS, max_size=300))
+def test_sentiment_from_counts_equals_from_every_sample(samples: list[float]) -> None:
+    assert sentiment_block_of_counts(Counter(samples)) == sentiment_block(samples)
+
+
+@given(st.lists(st.floats(0, 1e9, allow_nan=False), max_size=300) | st.lists(
+    st.integers(0, 20).map(float), max_size=300))  # fmt: skip
+def test_median_from_counts_equals_median_of_every_sample(samples: list[float]) -> None:
+    expected = statistics.median(samples) if samples else None
+    assert median_of_counts(Counter(samples)) == expected
