@@ -9,6 +9,7 @@ or, for a key merged away: {"alias_of": surviving key}.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -103,3 +104,30 @@ def absorb(record: Record | None, alias: str, other: Record, bounds: Bounds) -> 
 def events(record: Record, key: str, limit: int) -> list[dict[str, Any]]:
     """Record -> its newest `limit` touchpoints, filed under the customer's current key."""
     return [{**entry, "customer_key": key} for entry in record["timeline"][:limit]]
+
+
+@dataclass
+class Holdings:
+    """How many customers the local records hold, and touchpoints on their timelines: counted
+    once from the records (`count`), then kept up to date by each write (`change`), so that
+    a gauge refresh does not decode every record. Unknown (`known` False) until counted."""
+
+    customers: int = 0
+    entries: int = 0
+    known: bool = False
+
+    def count(self, records: Iterable[Record]) -> None:
+        """Every local record -> the counts, from scratch."""
+        self.customers = self.entries = 0
+        self.known = True
+        for record in records:
+            self.change(None, record)
+
+    def change(self, before: Record | None, after: Record | None) -> None:
+        """One key's record as it was -> as it is now (None: no record)."""
+        if not self.known:
+            return
+        for record, sign in ((before, -1), (after, 1)):
+            if record is not None and "alias_of" not in record:
+                self.customers += sign
+                self.entries += sign * len(record["timeline"])

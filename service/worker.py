@@ -52,7 +52,7 @@ from service.storage import (
     recover_to_true_ends,
     text_key,
 )
-from service.timeline import Bounds, Record, absorb, add_event, as_filed
+from service.timeline import Bounds, Holdings, Record, absorb, add_event, as_filed
 from service.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,7 @@ class Worker:
     send_changelog: ChangelogSend
     agents: dict[str, faust.types.AgentT[Any]] = field(default_factory=dict)
     metrics_state: MetricsState = field(default_factory=MetricsState)
+    holdings: Holdings = field(default_factory=Holdings)  # counts of the local customer records
     partials_table: Any = None
     indexes: dict[int, dict[str, ExpiryIndex]] = field(default_factory=dict)
     assigned_once: bool = False
@@ -450,9 +451,11 @@ def build_worker(
 
     def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         worker.assigned_once = True
+        worker.holdings.known = False  # other partitions, recovered from their changelogs
         fence.confirm()  # a group just synced: the session is current
 
     def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        worker.holdings.known = False
         worker.indexes.clear()
         filed_keys.reset()
 
@@ -570,6 +573,14 @@ def build_worker(
         view = profile(key, state, int(record["aliases"]), as_of)
         await publish(worker.profiles_topic, key.encode(), view.model_dump_json().encode())
 
+    def put(key: str, before: Record | None, after: Record | None) -> None:
+        """Write a customer record (None: delete it), keeping the holdings counts."""
+        if after is None:
+            customers.pop(key, None)
+        else:
+            customers[key] = after
+        worker.holdings.change(before, after)
+
     async def handle_customer(message: Message) -> None:
         """Customer command (event, merge, absorb, forget) -> customer record, cx.timeline and
         cx.profiles."""
@@ -584,6 +595,7 @@ def build_worker(
         if kind == "event":
             touchpoint = command["tp"]
             filed = {**touchpoint, "customer_key": key}
+            before = record
             record, is_new = add_event(record, filed, bounds)
             worker.latest_ms = max(worker.latest_ms, int(record["profile"]["last"] or 0))
             if is_new:
@@ -597,7 +609,7 @@ def build_worker(
                         worker.alerts_topic, key.encode(), alert.model_dump_json().encode()
                     )
                     metrics.alerts.labels(type=alert.type).inc()
-                customers[key] = record
+                put(key, before, record)
             else:
                 # Published again on a replay (the first copy may have been lost in a crash),
                 # as first filed: the record may since have absorbed the key it was filed under.
@@ -612,14 +624,14 @@ def build_worker(
             into = str(command["into"])
             if record is not None and "alias_of" not in record:
                 await to_customer(into, {"t": "absorb", "from": key, "record": record})
-            customers[key] = {"alias_of": into}
+            put(key, record, {"alias_of": into})
             await publish(worker.profiles_topic, key.encode(), None)
         elif kind == "absorb":
             merged = absorb(record, str(command["from"]), command["record"], bounds)
-            customers[key] = merged
+            put(key, record, merged)
             await publish_profile(key, merged)
         elif kind == "forget":
-            customers.pop(key, None)
+            put(key, record, None)
             await publish(worker.profiles_topic, key.encode(), None)
             if record is not None and "alias_of" in record:
                 # This key's record may be on its way to the survivor (an absorb sent just
@@ -710,13 +722,14 @@ def build_worker(
             ("customers", customers),
         ):
             metrics.state_keys.labels(table=name).set(sum(1 for _ in table))
-        held = entries = 0
-        for value in customers.values():
-            if "alias_of" not in value:
-                held += 1
-                entries += len(value["timeline"])
-        metrics.customers.set(held)
-        metrics.timeline_entries.set(entries)
+        holdings = worker.holdings
+        if not holdings.known and worker.ready():
+            # Once after each assignment, when the recovered records are all there: from then
+            # on every write keeps the counts (decoding every record each time was O(state)).
+            holdings.count(customers.values())
+        if holdings.known:
+            metrics.customers.set(holdings.customers)
+            metrics.timeline_entries.set(holdings.entries)
 
     return worker
 

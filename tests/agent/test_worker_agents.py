@@ -999,13 +999,16 @@ async def test_customers_command_for_an_alias_goes_to_the_survivor(
 
 
 async def test_customers_forget(harness: Harness) -> None:
+    harness.worker.holdings.count([])
     async with harness.worker.agents["customers"].test_context() as agent:
         await merge_setup(agent, harness)
+        assert (harness.worker.holdings.customers, harness.worker.holdings.entries) == (1, 1)
         await feed_customer(agent, SURVIVOR, {"t": "forget"}, 3)
         await feed_customer(agent, ALIAS, {"t": "forget"}, 4)
         await feed_customer(agent, "anon-never-seen", {"t": "forget"}, 5)
 
     assert harness.records() == {}
+    assert (harness.worker.holdings.customers, harness.worker.holdings.entries) == (0, 0)
     assert harness.profiles.sent[-3:] == [
         Sent(SURVIVOR.encode(), None, []),
         Sent(ALIAS.encode(), None, []),
@@ -1159,6 +1162,7 @@ async def test_end_to_end_customers_hold_exactly_their_connected_events(
     async with harness.worker.agents["identity"].test_context() as identity:
         for offset, sent in enumerate(harness.identity.sent):
             await feed_identity(identity, sent.key, sent.value, offset)
+    harness.worker.holdings.count([])  # known from the start: every write must keep it
     async with harness.worker.agents["customers"].test_context() as customers:
         # Each partition keeps its order; partitions progress independently, either taking
         # turns (one message each) or one running far ahead of the others. The agent's own
@@ -1223,6 +1227,10 @@ async def test_end_to_end_customers_hold_exactly_their_connected_events(
     for key, record in surviving.items():
         assert record["aliases"] == alias_counts[key]
     assert {alias for alias, _ in announcements(harness)} == set(aliases)
+    holdings = harness.worker.holdings
+    assert (holdings.customers, holdings.entries) == (
+        len(surviving), sum(len(record["timeline"]) for record in surviving.values())
+    )  # fmt: skip
 
     latest: dict[bytes, bytes | None] = {}
     for sent in harness.profiles.sent:  # what the compacted topic keeps

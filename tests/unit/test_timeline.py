@@ -11,7 +11,7 @@ import pytest
 
 from service.canonical import Ratings, Source, Touchpoint
 from service.profile import apply, empty_state
-from service.timeline import Bounds, absorb, add_event, events, new_record
+from service.timeline import Bounds, Holdings, absorb, add_event, events, new_record
 
 pytestmark = pytest.mark.unit
 
@@ -225,3 +225,30 @@ def test_events_rewrites_customer_key_and_limits() -> None:
     every = events(record, "C1", 50)
     for kept, original in zip(every, record["timeline"], strict=True):
         assert {**original, "customer_key": "C1"} == kept
+
+
+def test_holdings_follow_each_write_as_a_recount_would() -> None:
+    bounds = Bounds(max_events=2, max_age=timedelta(days=365))
+    records: dict[str, Any] = {}
+    holdings = Holdings()
+    holdings.change(None, new_record())  # unknown: a write changes nothing
+    assert (holdings.customers, holdings.entries, holdings.known) == (0, 0, False)
+    holdings.count(records.values())
+
+    def put(key: str, after: Any) -> None:
+        holdings.change(records.get(key), after)
+        if after is None:
+            records.pop(key, None)
+        else:
+            records[key] = after
+
+    for n in range(3):  # the third pushes the first off the bounded timeline
+        put("a", add_event(records.get("a"), tp(n, seconds=n), bounds)[0])
+    put("b", add_event(None, tp(5), bounds)[0])
+    put("b", {"alias_of": "a"})
+    put("c", None)  # forgetting a key never seen
+    recount = Holdings()
+    recount.count(records.values())
+    assert (holdings.customers, holdings.entries) == (recount.customers, recount.entries) == (1, 2)
+    put("a", None)
+    assert (holdings.customers, holdings.entries) == (0, 0)
