@@ -144,11 +144,6 @@ class MinuteAgg:
             # six decimals and no exponent, and a sum never becomes -0 (it starts at +0).
             self.revenue += sign * other.revenue
 
-    def copy(self) -> MinuteAgg:
-        duplicate = MinuteAgg()
-        duplicate.add(self)
-        return duplicate
-
     def to_json(self) -> dict[str, Any]:
         """-> JSON (counters as [value, count] pairs: their values are not all strings)."""
         return {
