@@ -3,7 +3,7 @@
 customers stage --(filed touchpoint, keyed by its ticket/conversation or event id)-->
   metrics agent (N partitions): the events of the last days per minute in a table, each id
   once; in memory a `PartitionAggregator`. Every CX_EMIT_INTERVAL the changed minute
-  aggregates go, whole, to
+  aggregates go, whole, a few hundred kB of them per message, to
   merger agent (1 partition): keeps every partition's latest aggregate per minute (replacing
   one is idempotent) and, every CX_EMIT_INTERVAL, publishes the snapshots whose numbers
   changed or whose window slid to the compacted `cx.metrics`.
@@ -12,7 +12,7 @@ customers stage --(filed touchpoint, keyed by its ticket/conversation or event i
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -141,14 +141,13 @@ def wire_metrics(
                 events_table.pop(f"{partition}|{minute}", None)  # a 0.1.0 minute record
 
     async def handle_partial(message: Any) -> None:
-        """A partition's minute aggregate -> the merger (replacing the one before)."""
-        value = orjson.loads(message.value or b"{}")
-        key = (message.key or b"").decode()
+        """A partition's minute aggregates -> the merger (each replacing the one before)."""
         merged = merger()
-        if not _receive(merged, value):
-            metrics.stale_partials.inc()
-            return
-        partials_table[key] = value
+        for key, value in unbatch(orjson.loads(message.value or b"{}")):
+            if _receive(merged, value):
+                partials_table[key] = value
+            else:
+                metrics.stale_partials.inc()
         end = merged.window_end
         if end is not None:
             for partition, scope, minute in merged.forget_before(minute_of(end - LONGEST)):
@@ -184,24 +183,21 @@ def wire_metrics(
             parts = state.parts.get(partition)
             if parts is None or parts.watermark is None:
                 continue
-            for scope, minute in sorted(dirty):
-                # Unmarked before sending: a change made while this one is on its way marks
-                # the bucket again, for the next tick.
-                dirty.discard((scope, minute))
-                agg = parts.minutes.get((scope, minute), MinuteAgg())
-                value = {
-                    "p": partition, "scope": scope, "minute": minute,
-                    "agg": agg.to_json(), "wm": epoch_ms(parts.watermark),
-                    "v": state.versions.get(partition, -1),
-                }  # fmt: skip
+            head = {"p": partition, "wm": epoch_ms(parts.watermark),
+                    "v": state.versions.get(partition, -1)}  # fmt: skip
+            buckets = [
+                (bucket, orjson.dumps({"scope": bucket[0], "minute": bucket[1],
+                                       "agg": parts.minutes.get(bucket, MinuteAgg()).to_json()}))
+                for bucket in sorted(dirty)
+            ]  # fmt: skip
+            for chunk in chunks(buckets, PARTIALS_BYTES):
+                # Unmarked before sending: a change made while these are on their way marks
+                # a bucket again, for the next tick.
+                dirty.difference_update(bucket for bucket, _ in chunk)
                 try:
-                    await publish(
-                        partials_stream,
-                        f"{partition}|{scope}|{minute}".encode(),
-                        orjson.dumps(value),
-                    )
+                    await publish(partials_stream, str(partition).encode(), batch_of(head, chunk))
                 except NotReady:
-                    dirty.add((scope, minute))
+                    dirty.update(bucket for bucket, _ in chunk)
                     raise
 
     @app.timer(interval)  # type: ignore[untyped-decorator]
@@ -230,6 +226,45 @@ def wire_metrics(
         "merger": app.agent(partials_stream, name="merger")(agent("merger", handle_partial)),
     }
     return state, agents, partials_table
+
+
+# A partials message holds a partition's changed minutes up to about this size: one message
+# per bucket was more than one message per event (in a replay of older events almost every
+# event changes a minute of its own), and the broker refuses a message over 1 MB by default.
+PARTIALS_BYTES = 256 * 1024
+
+
+def chunks(items: list[tuple[Any, bytes]], limit: int) -> Iterator[list[tuple[Any, bytes]]]:
+    """(item, encoded) pairs -> runs of them whose encodings add up to at most `limit` bytes
+    (a larger single one alone)."""
+    run: list[tuple[Any, bytes]] = []
+    size = 0
+    for item in items:
+        if run and size + len(item[1]) > limit:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += len(item[1])
+    if run:
+        yield run
+
+
+def batch_of(head: dict[str, Any], buckets: list[tuple[Any, bytes]]) -> bytes:
+    """A partition's watermark and version, and some of its encoded minute aggregates -> one
+    partials message: {"p", "wm", "v", "buckets": [{"scope", "minute", "agg"}, ...]}."""
+    body = orjson.dumps(head)[:-1]  # the encodings are spliced in, not decoded again
+    return body + b',"buckets":[' + b",".join(encoded for _, encoded in buckets) + b"]}"
+
+
+def unbatch(value: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A partials message -> (table key, partial) per minute aggregate it holds. A message
+    of an earlier version held one aggregate: {"p", "scope", "minute", "agg", "wm", "v"}."""
+    if "buckets" not in value:
+        yield f"{value['p']}|{value['scope']}|{value['minute']}", value
+        return
+    head = {name: value[name] for name in ("p", "wm", "v")}
+    for bucket in value["buckets"]:
+        yield f"{head['p']}|{bucket['scope']}|{bucket['minute']}", {**bucket, **head}
 
 
 def _receive(merger: Merger, partial: dict[str, Any]) -> bool:

@@ -1349,6 +1349,40 @@ async def test_merger_ignores_a_partial_older_than_the_one_it_holds(harness: Har
     assert harness.count("cxpulse_metrics_stale_partials_total") == 1
 
 
+async def test_merger_takes_a_message_of_many_minutes_each_on_its_own(harness: Harness) -> None:
+    """A partition sends its changed minutes together: each replaces the one held (or is
+    ignored when older) and is kept under its own key, as a message of one would be."""
+    minute = int(NOW.timestamp() // 60)
+    one, two = touchpoint("web:b-1", NOW, 0, "C-1"), touchpoint("web:b-2", NOW, 1, "C-2")
+    both = MinuteAgg()
+    for event in (one, two):
+        both.add(MinuteAgg.of(event, Derived()))
+    wm = int(NOW.timestamp() * 1000)
+
+    def bucket(scope: str, at: int, agg: MinuteAgg) -> dict[str, Any]:
+        return {"scope": scope, "minute": at, "agg": orjson.loads(orjson.dumps(agg.to_json()))}
+
+    held = {"p": 2, "wm": wm, "v": 9, **bucket("web", minute, both)}
+    batch = {
+        "p": 2, "wm": wm, "v": 7,
+        "buckets": [bucket("all", minute, both), bucket("all", minute - 1, MinuteAgg()),
+                    bucket("web", minute, MinuteAgg.of(one, Derived()))],
+    }  # fmt: skip
+    async with harness.worker.agents["merger"].test_context() as agent:
+        await feed(agent, "cx.internal.partials", f"2|web|{minute}".encode(),
+                   orjson.dumps(held), 0, 0)  # fmt: skip
+        await feed(agent, "cx.internal.partials", b"2", orjson.dumps(batch), 0, 1)
+    table = StrKeys(harness.worker.app.tables["partials"])
+    assert sorted(table) == [f"2|all|{minute - 1}", f"2|all|{minute}", f"2|web|{minute}"]
+    assert table[f"2|all|{minute}"] == {"p": 2, "wm": wm, "v": 7, **bucket("all", minute, both)}
+    assert table[f"2|web|{minute}"]["v"] == 9  # the older web minute of the batch was ignored
+    assert harness.count("cxpulse_metrics_stale_partials_total") == 1
+    merger = harness.worker.metrics_state.merger
+    assert merger is not None
+    events = {s.key: s.events for s in merger.snapshots(30, NOW)}
+    assert (events["all/1h"], events["web/1h"]) == (2, 2)
+
+
 # --- replays after a crash: filed once, under one key -------------------------------------
 
 
