@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -134,6 +134,18 @@ class Normalized(Canonical):
     identifiers: tuple[Identifier, ...]
     placeholders: int = Field(default=0, ge=0)  # placeholder identifiers dropped
     received_at_ms: int = Field(default=0, ge=0)  # wall clock when the raw message was read
+
+
+class Routed(BaseModel):
+    """What the identity stage reads of a `Normalized` the accept stage wrote: the identifiers
+    it links, validated; the touchpoint as JSON, passed on to the customer stage as it is.
+    (Validating the whole touchpoint again, and dumping it again, cost more than linking.)"""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    touchpoint: dict[str, Any]
+    identifiers: tuple[Identifier, ...]
+    received_at_ms: int = Field(default=0, ge=0)
 
 
 class IdentityMerge(Canonical):

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from service import delivery
 from service.alerts import alerts_for
-from service.canonical import CHANNELS, IdentityMerge, Normalized, Source, epoch_ms
+from service.canonical import CHANNELS, IdentityMerge, Normalized, Routed, Source, epoch_ms
 from service.deadletter import deadletter_headers
 from service.dedup import ExpiryIndex, Seen, classify
 from service.delivery import mark_handled
@@ -528,44 +528,45 @@ def build_worker(
             metrics.forgotten.inc()
             log.info("customer forgotten", extra={"aliases": len(targets) - 1})
             return
-        normalized = Normalized.model_validate_json(message.value or b"")
-        touchpoint = normalized.touchpoint
-        key = touchpoint.customer_key
+        routed = Routed.model_validate(document, strict=False)  # JSON: its arrays are lists
+        touchpoint = routed.touchpoint
+        event_id = str(touchpoint["event_id"])
+        key = str(touchpoint["customer_key"])
         merged: list[str] = []
-        if normalized.identifiers and filed_keys.forgotten(touchpoint.event_id):
+        if routed.identifiers and filed_keys.forgotten(event_id):
             # A copy read again after a crash, from before the forget (a stage upstream
             # re-sends what it had not committed): linking it would bring the person back.
             metrics.forgotten_replays.inc()
             return
-        if normalized.identifiers:
-            resolution = graph.link(normalized.identifiers, touchpoint.event_id)
+        if routed.identifiers:
+            resolution = graph.link(routed.identifiers, event_id)
             key, merged = resolution.key, resolution.merges
             metrics.identity_merges.inc(len(merged))
             if resolution.refused:
                 metrics.identity_refused.inc(resolution.refused)
                 log.warning(
                     "refused to merge customers with different customer_ids",
-                    extra={"event_id": touchpoint.event_id, "refused": resolution.refused},
+                    extra={"event_id": event_id, "refused": resolution.refused},
                 )
             # A replay of the linking event re-sends its merges: the first sending may not
             # have reached the customer stage before a crash (absorbing twice is harmless).
-            merged = merged or graph.merges_by(key, touchpoint.event_id)
+            merged = merged or graph.merges_by(key, event_id)
         for alias in merged:
             await to_customer(alias, {"t": "merge", "into": key})
             announcement = IdentityMerge(
-                alias=alias, customer_key=key, merged_at=touchpoint.occurred_at
+                alias=alias,
+                customer_key=key,
+                merged_at=datetime.fromisoformat(touchpoint["occurred_at"]),
             )
             await publish(
                 worker.identity_out, alias.encode(), announcement.model_dump_json().encode()
             )
-        if normalized.identifiers:
+        if routed.identifiers:
             # A replay goes where the event was first filed, though a link since may have
             # moved its identifiers: it must not come out again under another key.
-            key = filed_keys.first(touchpoint.event_id, key)
-        if key != touchpoint.customer_key:
-            touchpoint = touchpoint.model_copy(update={"customer_key": key})
-        event = {"t": "event", "tp": touchpoint.model_dump(mode="json")}
-        await to_customer(key, {**event, "rx": normalized.received_at_ms})
+            key = filed_keys.first(event_id, key)
+        event = {"t": "event", "tp": {**touchpoint, "customer_key": key}}
+        await to_customer(key, {**event, "rx": routed.received_at_ms})
 
     async def publish_profile(key: str, record: Record) -> None:
         state = record["profile"]

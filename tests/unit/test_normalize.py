@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.canonical import Normalized, Ratings, Source, Touchpoint
+from service.canonical import Normalized, Ratings, Routed, Source, Touchpoint
 from service.identity import IdentityGraph, identifiers_of, provisional_key
 from service.normalize import normalize
 from service.parse import Rejected, parse
@@ -529,3 +529,19 @@ def test_no_raw_pii_in_golden_outputs(golden: Any) -> None:
         assert value not in text
         assert value.strip().lower() not in text
     assert "@" not in text
+
+
+@pytest.mark.parametrize("golden", valid_goldens(), ids=lambda g: g.id)
+def test_the_identity_stage_reads_what_the_accept_stage_wrote(golden: Any) -> None:
+    """The identity stage passes the touchpoint on as the JSON it read: that JSON is the one
+    a validated touchpoint dumps, and the identifiers read back as they were."""
+    event = parse(golden.channel, golden.data(), LIMITS, NOW)
+    assert not isinstance(event, Rejected)
+    normalized = normalize(event, source(golden.channel), PII_KEY).model_copy(
+        update={"received_at_ms": 1_764_000_000_000}
+    )
+    routed = Routed.model_validate(orjson.loads(normalized.model_dump_json()), strict=False)
+    assert routed.touchpoint == normalized.touchpoint.model_dump(mode="json")
+    assert Touchpoint.model_validate(routed.touchpoint, strict=False) == normalized.touchpoint
+    assert routed.identifiers == normalized.identifiers
+    assert routed.received_at_ms == 1_764_000_000_000
