@@ -124,7 +124,7 @@ class BufferedTable(faust.Table[Any, Any]):
     def delivered(self, partition: int, offset: int) -> None:
         """Keep the newest changelog offset delivered; the store learns it at most once a
         second (Faust's recovery starts reading the changelog there). Each time is a RocksDB
-        write per partition: once per loop turn it took 1.5 to 1.9 % of the worker's CPU.
+        write per partition: once per loop turn it took 1.2 to 1.9 % of the worker's CPU.
         An offset a little behind only makes a recovery re-read a few records, which rewrite
         the values the store holds already."""
         if not self._persisted:
@@ -133,8 +133,12 @@ class BufferedTable(faust.Table[Any, Any]):
 
     def _persist(self) -> None:
         topic = self.changelog_topic.get_topic_name()
+        # A partition revoked since has its database closed: writing would open it again.
+        # (The memory store of the agent tests keeps no databases.)
+        open_dbs = getattr(self.data, "_dbs", None)
         for partition, offset in self._persisted.items():
-            self.data.set_persisted_offset(TP(topic, partition), offset)
+            if open_dbs is None or partition in open_dbs:
+                self.data.set_persisted_offset(TP(topic, partition), offset)
         self._persisted.clear()
 
 

@@ -29,6 +29,7 @@ import pytest
 from faust.types.tuples import Message
 from prometheus_client import CollectorRegistry
 
+import service.storage
 import service.worker
 from service.canonical import (
     Identifier,
@@ -863,6 +864,36 @@ async def test_a_changelog_record_not_delivered_is_fatal(harness: Harness) -> No
     assert stage == "publish"
     assert "changelog write refused" in str(exc)
     assert harness.count("cxpulse_processing_errors_total", stage="publish") == 1
+
+
+@dataclass
+class OffsetStore:
+    """Stands for a RocksDB store: the partitions whose databases are open, what was written."""
+
+    _dbs: dict[int, object]
+    written: list[tuple[int, int]] = field(default_factory=list)
+
+    def set_persisted_offset(self, tp: Any, offset: int) -> None:
+        self.written.append((tp.partition, offset))
+
+
+async def test_delivered_changelog_offsets_are_written_at_most_once_a_second(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newest delivered offset of each partition, once per PERSIST_EVERY; a partition
+    revoked meanwhile (its database closed) is left alone: writing would open it again."""
+    monkeypatch.setattr(service.storage, "PERSIST_EVERY", 0.05)
+    table = harness.worker.customers_table
+    store = OffsetStore({0: object(), 1: object()})
+    table._data = store
+    for partition, offset in ((0, 5), (1, 3), (0, 7), (2, 9)):
+        table.delivered(partition, offset)
+    assert store.written == []
+    await asyncio.sleep(0.15)
+    assert sorted(store.written) == [(0, 7), (1, 3)]
+    table.delivered(0, 8)
+    await asyncio.sleep(0.15)
+    assert store.written[2:] == [(0, 8)]
 
 
 # --- customers ---------------------------------------------------------------------------
