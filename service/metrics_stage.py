@@ -151,7 +151,7 @@ def wire_metrics(
         end = merged.window_end
         if end is not None:
             for partition, scope, minute in merged.forget_before(minute_of(end - LONGEST)):
-                partials_table.pop(f"{partition}|{scope}|{minute}", None)
+                partials_table.pop(partial_key(partition, scope, minute), None)
 
     def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         state.parts.clear()
@@ -256,15 +256,20 @@ def batch_of(head: dict[str, Any], buckets: list[tuple[Any, bytes]]) -> bytes:
     return body + b',"buckets":[' + b",".join(encoded for _, encoded in buckets) + b"]}"
 
 
+def partial_key(partition: object, scope: object, minute: object) -> str:
+    """A partition's minute aggregate -> its key in the merger's table."""
+    return f"{partition}|{scope}|{minute}"
+
+
 def unbatch(value: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """A partials message -> (table key, partial) per minute aggregate it holds. A message
     of an earlier version held one aggregate: {"p", "scope", "minute", "agg", "wm", "v"}."""
     if "buckets" not in value:
-        yield f"{value['p']}|{value['scope']}|{value['minute']}", value
+        yield partial_key(value["p"], value["scope"], value["minute"]), value
         return
     head = {name: value[name] for name in ("p", "wm", "v")}
     for bucket in value["buckets"]:
-        yield f"{head['p']}|{bucket['scope']}|{bucket['minute']}", {**bucket, **head}
+        yield partial_key(head["p"], bucket["scope"], bucket["minute"]), {**bucket, **head}
 
 
 def _receive(merger: Merger, partial: dict[str, Any]) -> bool:
