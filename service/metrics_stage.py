@@ -3,7 +3,7 @@
 customers stage --(filed touchpoint, keyed by its ticket/conversation or event id)-->
   metrics agent (N partitions): the events of the last days per minute in a table, each id
   once; in memory a `PartitionAggregator`. Every CX_EMIT_INTERVAL the changed minute
-  aggregates go, whole, a few hundred kB of them per message, to
+  aggregates go, whole, up to about 256 kB of them per message, to
   merger agent (1 partition): keeps every partition's latest aggregate per minute (replacing
   one is idempotent) and, every CX_EMIT_INTERVAL, publishes the snapshots whose numbers
   changed or whose window slid to the compacted `cx.metrics`.
