@@ -26,7 +26,7 @@ from faust.types.tuples import Message
 from mode import ServiceT
 from prometheus_client import CollectorRegistry
 
-from service import delivery
+from service import delivery, handoff
 from service.alerts import alerts_for
 from service.canonical import CHANNELS, IdentityMerge, Normalized, Routed, Source, epoch_ms
 from service.deadletter import deadletter_headers
@@ -383,6 +383,7 @@ def build_worker(
         on_fatal = exit_now
     _patch_fetch_wait()
     delivery.install()
+    handoff.install()
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     topics = Topics(settings.topic_prefix)
