@@ -9,19 +9,28 @@ message it was handling when it froze is refused (`Fenced`); the message it hold
 unacknowledged (its offset is never committed, and it is read again, by this worker or the
 partition's next owner).
 
-What this cannot stop, without Kafka transactions: records already handed to the producer
-before the pause (at most a linger's worth, 5 ms) are sent when the process resumes.
+Records already handed to the producer before the pause (a linger's worth, and whatever
+waits behind a request in flight) are held too (`gate_producer`): sent once the session is
+confirmed again, or dropped, their futures failed with `Fenced`, once the group rebalances. They
+belong to messages whose offsets were not committed (a commit waits for the producer), which
+the partition's next owner reads again. Sent late, they would land after the successor's
+records: a dead letter or an output twice, a changelog record over a newer one, and (found by
+tests/reliability/test_rebalance.py) a delivered changelog offset past the successor's
+records, from which this worker would later restore the table, skipping them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from aiokafka.consumer.group_coordinator import GroupCoordinator
+
+log = logging.getLogger(__name__)
 
 
 class Fenced(Exception):
@@ -89,3 +98,66 @@ def refuse_if_stale(app: Any) -> None:
     found = _APP_FENCES.get(app)
     if found is not None and found.stale():
         raise Fenced("session expired: table write refused")
+
+
+# While held, the producer's sender looks again this often (seconds).
+HOLD_POLL = 0.05
+
+
+def gate_producer(
+    producer: Any, fence: SessionFence, rebalancing: Callable[[], bool]
+) -> Callable[[], int]:
+    """Have an aiokafka producer send nothing while `fence` is stale: what it holds waits until
+    the session is confirmed, or is dropped (each future failed with `Fenced`) once
+    `rebalancing()` -> a function returning how many records were dropped so far."""
+    accumulator = producer._message_accumulator
+    drain = accumulator.drain_by_nodes
+    dropped = 0
+    holding = False
+
+    def gated(ignore_nodes: Any, muted_partitions: Any = frozenset()) -> Any:
+        nonlocal dropped, holding
+        if not fence.stale():
+            if holding:
+                holding = False
+                log.info("session confirmed: the producer sends again")
+            return drain(ignore_nodes, muted_partitions)
+        if not holding:
+            holding = True
+            log.warning("session stale: the producer holds its records until a heartbeat is "
+                        "answered or the group rebalances")  # fmt: skip
+        if rebalancing():
+            dropped += _drop_batches(accumulator)
+        # As aiokafka's own drain does: a fresh waiter for new data, and a wake-up to look
+        # again (here: whether the session was confirmed meanwhile).
+        if not accumulator._waiter_future.done():
+            accumulator._waiter_future.set_result(None)
+        loop = asyncio.get_running_loop()
+        accumulator._waiter_future = loop.create_future()
+        if accumulator._wakeup_handle is not None:
+            accumulator._wakeup_handle.cancel()
+        accumulator._wakeup_handle = loop.call_later(
+            HOLD_POLL, accumulator._wakeup, accumulator._waiter_future
+        )
+        return {}, False
+
+    accumulator.drain_by_nodes = gated
+    return lambda: dropped
+
+
+def _drop_batches(accumulator: Any) -> int:
+    """Fail every batch `accumulator` has not sent with `Fenced` -> the records dropped."""
+    count = 0
+    for tp in list(accumulator._batches):
+        for batch in accumulator._batches.pop(tp):
+            count += batch.record_count
+            batch.failure(Fenced("session expired and the group rebalanced: record dropped"))
+            if batch._drain_waiter.done():
+                batch._drain_waiter.exception()  # retrieved: nobody waits on a dropped batch
+    if count:
+        log.warning(
+            "session expired: records held by the producer dropped; their messages are read "
+            "again by the partitions' next owners",
+            extra={"records": count},
+        )
+    return count

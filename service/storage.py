@@ -19,7 +19,7 @@ from faust.stores.base import SerializedStore
 from faust.tables.recovery import Recovery
 from faust.types import TP
 
-from service.fence import refuse_if_stale
+from service.fence import Fenced, refuse_if_stale
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class BufferedTable(faust.Table[Any, Any]):
         # write; encoded as Faust encodes them, for its recovery to read them back
         self.pending: dict[tuple[int, bytes], bytes | None] = {}
         self._persisted: dict[int, int] = {}  # partition -> newest delivered changelog offset
+        # Partitions whose changelog records were dropped unsent (`fence.gate_producer`): the
+        # local store holds writes their changelog never will.
+        self.untrusted: set[int] = set()
 
     def __getitem__(self, key: Any) -> Any:
         # One store read: Faust's asks the store whether the key is there first (for a
@@ -118,6 +121,32 @@ class BufferedTable(faust.Table[Any, Any]):
             self.value_type, value, serializer=self.value_serializer
         )
 
+    async def on_rebalance(
+        self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0
+    ) -> None:
+        self.discard_untrusted()
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+
+    def discard_untrusted(self) -> None:
+        """Remove the local database of every partition whose changelog records were dropped,
+        so that recovery rebuilds it from its changelog alone: a message whose writes stay
+        only in the local store would, read again here, find itself handled and never write
+        them to the changelog."""
+        dbs = getattr(self.data, "_dbs", None)  # the memory store (agent tests) has none
+        for partition in sorted(self.untrusted):
+            self._persisted.pop(partition, None)
+            if dbs is not None:
+                db = dbs.pop(partition, None)
+                if db is not None:
+                    db.close()  # RocksDB refuses to open a path this process still has open
+                shutil.rmtree(cast(Any, self.data).partition_path(partition), ignore_errors=True)
+            log.warning(
+                "local table partition discarded, to be rebuilt from its changelog: records "
+                "of it were dropped when the session expired",
+                extra={"table": self.name, "partition": partition},
+            )
+        self.untrusted.clear()
+
     def delivered(self, partition: int, offset: int) -> None:
         """Keep the newest changelog offset delivered; the store learns it once per loop turn
         (Faust's recovery starts reading the changelog there). Not later: written up to a
@@ -169,13 +198,16 @@ async def flush_changelogs(
         topic = table.changelog_topic.get_topic_name()
         for (partition, key), value in pending.items():
             future = await send(topic, partition, key, value)
-            future.add_done_callback(partial(_on_delivered, table, on_failed))
+            future.add_done_callback(partial(_on_delivered, table, on_failed, partition))
 
 
 def _on_delivered(
-    table: BufferedTable, on_failed: Callable[[BaseException], None], future: Any
+    table: BufferedTable, on_failed: Callable[[BaseException], None], partition: int, future: Any
 ) -> None:
     exc = None if future.cancelled() else future.exception()
+    if isinstance(exc, Fenced):  # dropped unsent (fence.gate_producer); its message is read again
+        table.untrusted.add(partition)
+        return
     if exc is not None:
         on_failed(exc)  # a lost changelog record must stop the worker before it commits
         return

@@ -32,7 +32,7 @@ from service.canonical import CHANNELS, IdentityMerge, Normalized, Routed, Sourc
 from service.deadletter import deadletter_headers
 from service.dedup import ExpiryIndex, Seen, classify
 from service.delivery import mark_handled
-from service.fence import Fenced, SessionFence, register
+from service.fence import Fenced, SessionFence, gate_producer, register
 from service.forget import FORGET_KEY, forget_command
 from service.http import HttpService, ShutdownWatchdog, make_web_app
 from service.identity import FiledKeys, IdentityGraph
@@ -433,7 +433,8 @@ def build_worker(
 
     def on_sent(fut: asyncio.Future[Any]) -> None:
         exc = None if fut.cancelled() else fut.exception()
-        if exc is not None:
+        # Fenced: dropped unsent by the producer's gate; its message is read again.
+        if exc is not None and not isinstance(exc, Fenced):
             publish_failed(exc)
 
     def rebalancing() -> bool:
@@ -451,6 +452,8 @@ def build_worker(
         fut.add_done_callback(on_sent)
 
     def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        if not worker.assigned_once:  # the producer has started: hold its records when stale
+            gate_producer(cast(Any, app.producer)._ensure_producer(), fence, rebalancing)
         worker.assigned_once = True
         worker.holdings.known = False  # other partitions, recovered from their changelogs
         fence.confirm()  # a group just synced: the session is current

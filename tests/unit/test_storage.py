@@ -1,12 +1,18 @@
-"""Local tables across restarts: kept after a clean stop, discarded after any other end."""
+"""Local tables across restarts: kept after a clean stop, discarded after any other end; what
+a changelog delivery does to its table."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
-from service.storage import CLEAN_STOP, discard_unless_clean, mark_clean_stop
+from service.fence import Fenced
+from service.storage import CLEAN_STOP, _on_delivered, discard_unless_clean, mark_clean_stop
 
 pytestmark = pytest.mark.unit
 
@@ -43,3 +49,42 @@ def test_a_crash_after_a_clean_restart_is_caught(tmp_path: Path) -> None:
 def test_a_first_start_has_nothing_to_discard(tmp_path: Path) -> None:
     assert not discard_unless_clean(tmp_path, tmp_path / "v1" / "tables")
     assert list(tmp_path.iterdir()) == []
+
+
+class Delivered:
+    """A table's view of its changelog deliveries."""
+
+    def __init__(self) -> None:
+        self.offsets: list[tuple[int, int]] = []
+        self.untrusted: set[int] = set()
+
+    def delivered(self, partition: int, offset: int) -> None:
+        self.offsets.append((partition, offset))
+
+
+def _future(result: object = None, error: BaseException | None = None) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+    return future
+
+
+async def test_a_delivery_moves_the_table_on_and_a_failure_is_fatal() -> None:
+    table, failures = Delivered(), list[BaseException]()
+    _on_delivered(
+        cast(Any, table), failures.append, 2, _future(SimpleNamespace(partition=2, offset=7))
+    )
+    assert table.offsets == [(2, 7)]
+    error = KafkaTimeoutError()
+    _on_delivered(cast(Any, table), failures.append, 2, _future(error=error))
+    assert failures == [error]
+
+
+async def test_a_record_dropped_by_the_fence_is_neither_delivered_nor_fatal() -> None:
+    table, failures = Delivered(), list[BaseException]()
+    _on_delivered(cast(Any, table), failures.append, 2, _future(error=Fenced("dropped")))
+    assert table.offsets == []
+    assert failures == []
+    assert table.untrusted == {2}  # its local database is rebuilt at the next rebalance
