@@ -116,10 +116,15 @@ class _ReadOffsets(defaultdict[Any, int | None]):
         floor = self.floors.get(tp)
         return value if floor is None or value is None else min(value, floor)
 
-    def __setitem__(self, tp: Any, offset: int | None) -> None:
-        if offset is not None and self.floors.get(tp) == offset:
+    def read(self, tp: Any, offset: int) -> None:
+        """The consumer handed on the message at `offset` (`handoff.drain`): the floor goes
+        once the message at it is read. A seek sets the read offset with `[]=` and keeps the
+        floor: a seek back to the floor cleared it, and a record fetched before the seek
+        then raised the read offset past the message sought (found in a failing run of
+        tests/reliability/test_deadletter_failure.py: the re-read message was dropped)."""
+        if self.floors.get(tp) == offset:
             del self.floors[tp]
-        super().__setitem__(tp, offset)
+        self[tp] = offset
 
     def pop(self, tp: Any, *default: Any) -> Any:
         self.floors.pop(tp, None)

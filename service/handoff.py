@@ -87,7 +87,8 @@ async def drain(self: Any, fetcher: ServiceT) -> None:  # pragma: no cover - Fau
     fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
 
     get_read_offset = self._read_offset.__getitem__
-    set_read_offset = self._read_offset.__setitem__
+    # delivery's read offsets keep a floor for a message sought back to until it is read
+    set_read_offset = getattr(self._read_offset, "read", self._read_offset.__setitem__)
     flag_consumer_fetching = CONSUMER_FETCHING
     set_flag = self.diag.set_flag
     unset_flag = self.diag.unset_flag
