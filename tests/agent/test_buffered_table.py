@@ -27,3 +27,20 @@ async def test_an_untrusted_partition_is_discarded_and_the_others_kept(tmp_path:
     assert table.untrusted == set()
     assert store._db_for_partition(0).get(b"key") is None  # empty: recovery reads it all
     assert store._db_for_partition(1).get(b"key") == b"local write"
+
+
+async def test_a_table_writes_no_log_and_keeps_its_writes_once_released(tmp_path: Path) -> None:
+    app = faust.App("t-no-wal", broker="kafka://localhost:1", store="rocksdb://",
+                    datadir=str(tmp_path))  # fmt: skip
+    table = json_table(app, "customers", 1)
+    store: Any = table.data
+    path = store.partition_path(0)
+    for n in range(200):
+        store._db_for_partition(0).put(f"key{n}".encode(), b"x" * 300)
+    # 60 kB written, none of it to a write-ahead log
+    assert sum(f.stat().st_size for f in path.glob("*.log")) == 0
+    await store.stop()  # Faust drops its databases; RocksDB writes the memtables out
+    again = faust.App("t-no-wal-2", broker="kafka://localhost:1", store="rocksdb://",
+                      datadir=str(tmp_path))  # fmt: skip
+    reopened = json_table(again, "customers", 1)
+    assert reopened.data._db_for_partition(0).get(b"key199") == b"x" * 300
