@@ -221,8 +221,6 @@ def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
     worker.send = send
     changelog = ChangelogCapture()
     worker.send_changelog = changelog.send
-    # The forget request is queued by Topic.send (outside any stage).
-    monkeypatch.setattr(worker.identity_stream, "send", by_topic[id(worker.identity_stream)].send)
     return Harness(worker, registry, *captures, fatal, changelog)
 
 

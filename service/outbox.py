@@ -1,0 +1,185 @@
+"""The worker's records to Kafka, handed to the producer a batch per partition.
+
+aiokafka's `send` costs about 15 µs of CPU a record here (its partitioner, a future and the
+accumulator's bookkeeping per record), against about 1 µs a record for a batch built with
+`create_batch` and handed over with `send_batch` (60 000 records of 500 bytes against the
+embedded broker, measured here), and an event becomes about fifteen records on its way
+through the stages. So a record goes into an outbox, and once per turn of the event loop
+whatever the stages put there goes to the producer, in order, one batch per partition.
+
+Nothing is lost to the outbox: a commit flushes the producer first, and `install` has that
+flush drain the outbox into the producer before it waits for the producer. A message is
+acknowledged only after its records are in the outbox, so every record of a committed
+message was delivered. Order is kept per partition: one drain at a time, each in the order
+the records came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka.structs import RecordMetadata, TopicPartition
+
+Headers = list[tuple[str, bytes]] | None
+# (topic, partition or None for the producer's partitioner, key, value, headers, its future)
+_Record = tuple[str, int | None, bytes | None, bytes | None, Headers, "asyncio.Future[Any]"]
+
+# An outbox this full makes the stage that adds to it wait for the producer (back-pressure:
+# without it a stalled producer would let the stages fill memory).
+MAX_PENDING = 2_000
+# Records wait this long for others to share their batches with (the producer's own linger
+# is 5 ms), unless this many are queued already.
+LINGER, FULL = 0.005, 500
+
+
+class Outbox:
+    """Records for an aiokafka producer (`producer()`, once started), handed to it a batch
+    per partition `LINGER` after the first of them was queued (or once `FULL` are), and by
+    `drain`."""
+
+    def __init__(self, producer: Callable[[], Any]) -> None:
+        self.producer = producer
+        self.records: list[_Record] = []
+        self._draining: asyncio.Future[None] | None = None  # the newest hand-over
+        self._taking = False  # a hand-over is started that has not taken the records yet
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(
+        self,
+        topic: str,
+        partition: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers = None,
+    ) -> asyncio.Future[Any]:
+        """Queue one record -> a future set to its RecordMetadata once delivered (or to the
+        error of its batch)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self.records.append((topic, partition, key, value, headers, future))
+        if len(self.records) >= FULL:
+            self._start()
+        elif self._timer is None and not self._taking:
+            self._timer = loop.call_later(LINGER, self._start)
+        return future
+
+    async def room(self) -> None:
+        """Wait while the outbox holds `MAX_PENDING` records or more."""
+        while len(self.records) >= MAX_PENDING:
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Hand every record queued so far to the producer (not: wait for its delivery)."""
+        self._start()
+        if self._draining is not None:
+            await asyncio.shield(self._draining)
+
+    def _start(self) -> None:
+        """Start a hand-over of what is queued, unless one started is about to take it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.records and not self._taking:
+            self._taking = True
+            self._draining = asyncio.ensure_future(self._next(self._draining))
+            # A hand-over that fails (the producer stopped) fails its records' futures: the
+            # error is theirs to report.
+            self._draining.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+
+    async def _next(self, before: asyncio.Future[None] | None) -> None:
+        """After the hand-over `before` it (order per partition), hand over what is queued."""
+        if before is not None and not before.done():
+            await asyncio.wait((before,))
+        records, self.records = self.records, []
+        self._taking = False
+        if records:
+            await _hand_over(self.producer(), records)
+
+
+async def _hand_over(producer: Any, records: list[_Record]) -> None:
+    """Records -> the producer, one batch (or more, when full) per partition, in order."""
+    handed = 0  # records in batches the producer took: their batches settle them
+    ordered = records  # in the order they are handed over
+    try:
+        by_tp: dict[tuple[str, int], list[_Record]] = {}
+        for record in records:
+            topic, partition = record[0], record[1]
+            if partition is None:
+                await producer.client._wait_on_metadata(topic)
+                # the producer's own partitioner (Kafka's murmur2 of the key)
+                partition = producer._partition(topic, None, None, None, record[2], record[3])
+            by_tp.setdefault((topic, partition), []).append(record)
+        ordered = [r for queued in by_tp.values() for r in queued]
+        for (topic, partition), queued in by_tp.items():
+            start = 0
+            while start < len(queued):
+                batch = producer.create_batch()
+                end = start
+                while end < len(queued):
+                    _, _, key, value, headers, _ = queued[end]
+                    if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                        break  # full (a first record always fits)
+                    end += 1
+                batch.close()
+                delivered = await producer.send_batch(batch, topic, partition=partition)
+                delivered.add_done_callback(_settle(topic, partition, queued[start:end]))
+                handed += end - start
+                start = end
+    except BaseException as exc:  # the producer stopped or refused what was not handed yet
+        for record in ordered[handed:]:
+            if not record[5].done():
+                record[5].set_exception(exc)
+        raise
+
+
+def _settle(
+    topic: str, partition: int, records: list[_Record]
+) -> Callable[[asyncio.Future[Any]], None]:
+    """A sent batch's future -> a callback setting each of its records' futures."""
+
+    def settle(batch: asyncio.Future[Any]) -> None:
+        exc = asyncio.CancelledError() if batch.cancelled() else batch.exception()
+        if exc is not None:
+            for record in records:
+                if not record[5].done():
+                    record[5].set_exception(exc)
+            return
+        first = batch.result()
+        tp = TopicPartition(topic, partition)
+        for n, record in enumerate(records):
+            if not record[5].done():
+                record[5].set_result(
+                    RecordMetadata(topic, partition, tp, first.offset + n, first.timestamp,
+                                   first.timestamp_type, first.log_start_offset)
+                )  # fmt: skip
+
+    return settle
+
+
+def sender(outbox: Outbox) -> Callable[..., Awaitable[asyncio.Future[Any]]]:
+    """An outbox -> `send(topic, partition, key, value, headers)`: queue one record (waiting
+    for room) -> its delivery future."""
+
+    async def send(
+        topic: str, partition: int | None, key: bytes | None, value: bytes | None,
+        headers: Headers = None,
+    ) -> asyncio.Future[Any]:  # fmt: skip
+        if len(outbox.records) >= MAX_PENDING:
+            await outbox.room()
+        return outbox.add(topic, partition, key, value, headers)
+
+    return send
+
+
+def install(faust_producer: Any, outbox: Outbox) -> None:
+    """Have a Faust producer's `flush` (which every commit awaits first) drain `outbox` into
+    the producer before it waits for the producer to deliver."""
+    flush = faust_producer.flush
+
+    async def flush_with_outbox() -> None:
+        await outbox.drain()
+        await flush()
+
+    faust_producer.flush = flush_with_outbox
