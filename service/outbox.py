@@ -29,9 +29,10 @@ _Record = tuple[str, int | None, bytes | None, bytes | None, Headers, "asyncio.F
 # An outbox this full makes the stage that adds to it wait for the producer (back-pressure:
 # without it a stalled producer would let the stages fill memory).
 MAX_PENDING = 2_000
-# Records wait this long for others to share their batches with (the producer's own linger
-# is 5 ms), unless this many are queued already.
-LINGER, FULL = 0.005, 500
+# Records wait this long for others to share their batches with, unless this many are queued
+# already; the producer lingers no more (20 000 messages: the same throughput as with 5 ms
+# here and the producer's 5 ms, publish-to-timeline p50 at 100 messages/s 179 -> 123 ms).
+LINGER, FULL = 0.002, 500
 
 
 class Outbox:

@@ -175,7 +175,7 @@ def _faust_app(settings: Settings) -> faust.App:
         broker_rebalance_timeout=settings.kafka_rebalance_timeout.total_seconds(),
         broker_commit_interval=1.0,
         producer_acks=-1,
-        producer_linger=0.005,
+        producer_linger=0.0,  # the outbox batches (service/outbox.py)
         producer_max_request_size=MAX_REQUEST_BYTES,
         consumer_auto_offset_reset="earliest",
         processing_guarantee="at_least_once",
