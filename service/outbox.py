@@ -176,11 +176,20 @@ def sender(outbox: Outbox) -> Callable[..., Awaitable[asyncio.Future[Any]]]:
 
 def install(faust_producer: Any, outbox: Outbox) -> None:
     """Have a Faust producer's `flush` (which every commit awaits first) drain `outbox` into
-    the producer before it waits for the producer to deliver."""
-    flush = faust_producer.flush
+    the producer before it waits for the producer to deliver, and its stop drain it before
+    the producer stops (Faust stops its agents after its last flush: what they queue then
+    is delivered, as the producer's own stop delivers what it holds)."""
+    flush, stop = faust_producer.flush, faust_producer.on_stop
 
     async def flush_with_outbox() -> None:
         await outbox.drain()
         await flush()
 
+    async def stop_after_outbox() -> None:
+        try:
+            await outbox.drain()
+        finally:
+            await stop()
+
     faust_producer.flush = flush_with_outbox
+    faust_producer.on_stop = stop_after_outbox

@@ -74,7 +74,7 @@ async def test_records_arrive_in_order_where_a_send_would_put_them(
         assert order == sorted(order)
 
 
-async def test_the_producers_flush_drains_the_outbox_first(broker: EmbeddedBroker) -> None:
+async def test_the_producers_flush_and_stop_drain_the_outbox_first(broker: EmbeddedBroker) -> None:
     topic = await _topic(broker.bootstrap, 1)
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
     await producer.start()
@@ -85,12 +85,19 @@ async def test_the_producers_flush_drains_the_outbox_first(broker: EmbeddedBroke
             async def flush(self) -> None:  # waits for the aiokafka producer
                 await producer.flush()
 
+            async def on_stop(self) -> None:  # and whose stop stops it
+                await producer.stop()
+
         faust_producer = FaustProducer()
         outbox.install(faust_producer, box)
         future = box.add(topic, 0, b"k", b"queued before the flush")
         await faust_producer.flush()  # what a commit awaits before it commits
         assert future.done()  # delivered, not merely handed over
         assert future.result().offset == 0
+        late = box.add(topic, 0, b"k", b"queued after the last flush")
+        await faust_producer.on_stop()
+        assert late.done()
+        assert late.result().offset == 1
     finally:
         await producer.stop()
 
