@@ -4,8 +4,9 @@ aiokafka's `send` costs about 15 µs of CPU a record here (its partitioner, a fu
 accumulator's bookkeeping per record), against about 1 µs a record for a batch built with
 `create_batch` and handed over with `send_batch` (60 000 records of 500 bytes against the
 embedded broker, measured here), and an event becomes about fifteen records on its way
-through the stages. So a record goes into an outbox, and once per turn of the event loop
-whatever the stages put there goes to the producer, in order, one batch per partition.
+through the stages. So a record goes into an outbox, and 2 ms after the first record (or
+once 500 wait) whatever the stages put there goes to the producer, in order, one batch per
+partition.
 
 Nothing is lost to the outbox: a commit flushes the producer first, and `install` has that
 flush drain the outbox into the producer before it waits for the producer. A message is
