@@ -116,6 +116,19 @@ def _assert_not_past(
     return committed
 
 
+def _stages(scenario: Scenario, direct: str) -> dict[str, list[int]]:
+    """Topic the worker reads -> its group's committed offset per partition (-1: none)."""
+    topics = Topics(scenario.prefix)
+    read = [*topics.raw_topics, topics.accepted, topics.customer_stream, topics.metrics_stream]
+    tps = [TopicPartition(t, p) for t in read for p in range(4)]
+    tps += [TopicPartition(t, 0) for t in (topics.identity_stream, topics.partials_stream)]
+    committed = asyncio.run(_committed(direct, f"{scenario.prefix}-cxpulse", tps))
+    by_topic: dict[str, list[int]] = {}
+    for tp in tps:
+        by_topic.setdefault(tp.topic.removeprefix(scenario.prefix), []).append(committed[tp])
+    return by_topic
+
+
 def test_refused_dead_letter_stops_the_worker_without_committing(
     proxied: Proxied, tmp_path: Path
 ) -> None:
@@ -163,7 +176,13 @@ def test_refused_dead_letter_stops_the_worker_without_committing(
     last = worker().start()
     try:
         last.wait_ready()
-        assert_exact(scenario, messages)
+        try:
+            assert_exact(scenario, messages)
+        except AssertionError as exc:
+            # Flaky in runs of the whole tier (never alone so far): chat events missing, the
+            # last worker idle in a py-spy dump. Where the group stands on each topic, for
+            # the next failure to say which stage lost them.
+            raise AssertionError(f"{exc}\ncommitted: {_stages(scenario, proxied.direct)}") from exc
         recovered = time.monotonic() - repaired
     finally:
         assert last.stop() == 0, last.log_tail()
