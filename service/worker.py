@@ -41,7 +41,7 @@ from service.logs import logging_config
 from service.metrics_stage import MetricsState, metrics_key, wire_metrics
 from service.normalize import normalize
 from service.observability import Metrics
-from service.outbox import Outbox
+from service.outbox import Headers, Outbox
 from service.outbox import install as install_outbox
 from service.outbox import sender as outbox_sender
 from service.parse import Limits, Rejected, parse
@@ -200,7 +200,6 @@ def _raw_topic(app: faust.App, *names: str, partitions: int | None = None) -> fa
     )
 
 
-Headers = list[tuple[str, bytes]] | None
 # (topic, key, value, headers) -> the record's delivery future, once it is in the producer
 Send = Callable[[faust.TopicT, bytes | None, bytes | None, Headers], Awaitable[Any]]
 
