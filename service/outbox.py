@@ -106,10 +106,13 @@ async def _hand_over(producer: Any, records: list[_Record]) -> None:
     ordered = records  # in the order they are handed over
     try:
         by_tp: dict[tuple[str, int], list[_Record]] = {}
+        known: set[str] = set()  # topics whose partitions the producer knows
         for record in records:
             topic, partition = record[0], record[1]
             if partition is None:
-                await producer.client._wait_on_metadata(topic)
+                if topic not in known:  # once a topic per hand-over, not once a record
+                    await producer.client._wait_on_metadata(topic)
+                    known.add(topic)
                 # the producer's own partitioner (Kafka's murmur2 of the key)
                 partition = producer._partition(topic, None, None, None, record[2], record[3])
             by_tp.setdefault((topic, partition), []).append(record)
