@@ -78,7 +78,8 @@ async def _committed(
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
     await consumer.start()
     try:
-        return {tp: (await consumer.committed(tp)) or -1 for tp in tps}
+        offsets = {tp: await consumer.committed(tp) for tp in tps}
+        return {tp: -1 if offset is None else offset for tp, offset in offsets.items()}
     finally:
         await consumer.stop()
 
