@@ -168,24 +168,14 @@ def sentiment_block_of_counts(counts: Mapping[float, int]) -> SentimentBlock:
     return SentimentBlock(mean=round2(float(total / n)), samples=n)
 
 
-def median_of_counts(counts: Mapping[float, int]) -> float | None:
-    """Value -> how many times it was seen -> `statistics.median` of every sample (None when
-    there is none), without listing them."""
-    n = sum(counts.values())
+def median_of_sorted(samples: Sequence[float]) -> float | None:
+    """Samples in ascending order -> `statistics.median` of them (None when there is none),
+    without sorting them again."""
+    n = len(samples)
     if not n:
         return None
-    ordered = sorted(counts.items())
-
-    def sample(position: int) -> float:  # the sorted samples' element at `position`
-        seen = 0
-        for value, count in ordered:
-            seen += count
-            if seen > position:
-                return value
-        raise IndexError(position)
-
-    high = sample(n // 2)
-    return high if n % 2 else (sample(n // 2 - 1) + high) / 2
+    high = samples[n // 2]
+    return high if n % 2 else (samples[n // 2 - 1] + high) / 2
 
 
 def nps_block(scores: Sequence[int], min_responses: int) -> NpsBlock:

@@ -16,7 +16,9 @@ functions as the reference, from the same numbers.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -41,7 +43,7 @@ from service.metrics import (
     ces_block,
     csat_block,
     derive,
-    median_of_counts,
+    median_of_sorted,
     nps_block,
     round2,
     sentiment_block_of_counts,
@@ -144,6 +146,41 @@ class MinuteAgg:
             # six decimals and no exponent, and a sum never becomes -0 (it starts at +0).
             self.revenue += sign * other.revenue
 
+    def minus(self, old: MinuteAgg) -> MinuteAgg:
+        """This aggregate and an earlier one of the same minute -> what changed between them:
+        adding it to a sum holding `old` makes it hold this one. A replaced minute aggregate
+        differs from the one before it by a few events: one pass, and the sums it is added to
+        touch only what changed (instead of taking `old` away and adding this, whole, to each)."""
+        delta = MinuteAgg(
+            events=self.events - old.events,
+            first_solves=self.first_solves - old.first_solves,
+            first_contact=self.first_contact - old.first_contact,
+            closes=self.closes - old.closes,
+            contained=self.contained - old.contained,
+            # The shared zero when neither has an amount: `add` skips it (see there).
+            revenue=(
+                _ZERO
+                if self.revenue is _ZERO and old.revenue is _ZERO
+                else self.revenue - old.revenue
+            ),
+        )
+        for name in _COUNTERS:
+            mine: Counter[object] = getattr(self, name)
+            theirs: Counter[object] = getattr(old, name)
+            if not mine and not theirs:
+                continue
+            changed: Counter[object] = Counter()
+            for value, count in mine.items():
+                difference = count - theirs.get(value, 0)
+                if difference:
+                    changed[value] = difference
+            for value, count in theirs.items():
+                if value not in mine:
+                    changed[value] = -count
+            if changed:
+                setattr(delta, name, changed)
+        return delta
+
     def to_json(self) -> dict[str, Any]:
         """-> JSON (counters as [value, count] pairs: their values are not all strings)."""
         return {
@@ -208,10 +245,13 @@ def snapshot_of(
     end: datetime,
     min_responses: int,
     emitted_at: datetime,
+    resolutions: Sequence[float],
 ) -> Snapshot:
-    """A window's summed aggregate -> its snapshot (the same formulas as the reference)."""
+    """A window's summed aggregate and its resolution times in ascending order (one per solve
+    counted, as `agg.resolution` counts them) -> its snapshot (the same formulas as the
+    reference)."""
     kinds = agg.kinds
-    median = median_of_counts(agg.resolution)
+    median = median_of_sorted(resolutions)
     return Snapshot(
         scope=scope,
         window=window,
@@ -401,6 +441,10 @@ class Merger:
     watermarks: dict[int, datetime] = field(default_factory=dict)
     # (scope, window) -> its total, for windows ending at `windows_end` (a minute number)
     windows: dict[tuple[Scope, WindowName], MinuteAgg] = field(default_factory=dict)
+    # (scope, window) -> the resolution times its total counts, in ascending order: a median
+    # at every emit tick from the counter sorted 30 days of them each time (8 % of the
+    # worker's CPU late in a 200 000-message run)
+    resolutions: dict[tuple[Scope, WindowName], list[float]] = field(default_factory=dict)
     windows_end: int | None = None
     # The oldest minute among the partials: forgetting scans only when something is due.
     oldest: int | None = field(default=None, compare=False, repr=False)
@@ -413,9 +457,11 @@ class Merger:
         agg: MinuteAgg,
         watermark: datetime,
         version: int = -1,
+        encoded: bytes | None = None,
     ) -> bool:
         """Replace one partition's aggregate of one minute (idempotent) -> False when it is
-        older than the one held (a lower `version`), and ignored.
+        older than the one held (a lower `version`), and ignored. `encoded`: `agg` as the JSON
+        of its `to_json`, when the caller has it already.
 
         A partition's aggregates at version V count exactly its events up to offset V,
         whichever worker sent them. An older one can come after a newer one: a worker paused
@@ -424,24 +470,20 @@ class Merger:
         held = self.partials.get(key)
         if held is not None and version < held[0]:
             return False
-        old = None if held is None else MinuteAgg.from_json(orjson.loads(held[1]))
+        change = agg if held is None else agg.minus(MinuteAgg.from_json(orjson.loads(held[1])))
         total = self.totals.get((scope, minute))
         if total is None:
             total = self.totals[(scope, minute)] = MinuteAgg()
-        touched = [total]
+        total.add(change)
         if self.windows_end is not None:
-            touched += [
-                self.windows[(scope, window)]
-                for window, size in WINDOWS.items()
-                if self.windows_end - int(size // MINUTE) <= minute < self.windows_end
-            ]
-        for running in touched:
-            if old is not None:
-                running.add(old, -1)
-            running.add(agg)
+            for window, size in WINDOWS.items():
+                if self.windows_end - int(size // MINUTE) <= minute < self.windows_end:
+                    self.windows[(scope, window)].add(change)
+                    _move(self.resolutions[(scope, window)], change.resolution)
+        if encoded is None:
+            encoded = orjson.dumps(agg.to_json())
         # Copied to its own size: orjson's result keeps its 4 KiB buffer.
-        encoded = memoryview(orjson.dumps(agg.to_json())).tobytes()
-        self.partials[key] = (version, encoded)
+        self.partials[key] = (version, memoryview(encoded).tobytes())
         self.oldest = minute if self.oldest is None else min(self.oldest, minute)
         if partition not in self.watermarks or watermark > self.watermarks[partition]:
             self.watermarks[partition] = watermark
@@ -459,6 +501,9 @@ class Merger:
             for window, size in WINDOWS.items():
                 if end_minute - int(size // MINUTE) <= minute < end_minute:
                     self.windows[(scope, window)].add(agg)
+        self.resolutions = {
+            key: sorted(total.resolution.elements()) for key, total in self.windows.items()
+        }
         self.windows_end = end_minute
 
     def snapshots(self, min_responses: int, emitted_at: datetime) -> list[Snapshot]:
@@ -470,7 +515,13 @@ class Merger:
             self._windows_at(minute_of(end))
         return [
             snapshot_of(
-                self.windows[(scope, window)], scope, window, end, min_responses, emitted_at
+                self.windows[(scope, window)],
+                scope,
+                window,
+                end,
+                min_responses,
+                emitted_at,
+                self.resolutions[(scope, window)],
             )
             for scope in SCOPES
             for window in WINDOWS
@@ -487,3 +538,18 @@ class Merger:
             del self.totals[total_key]
         self.oldest = min((key[2] for key in self.partials), default=None)
         return gone
+
+
+def _move(ordered: list[float], change: Counter[float]) -> None:
+    """Samples in ascending order + value -> count added (or, negative, taken away) ->
+    still in order. A value taken away is there: `change` is the difference between two
+    aggregates the samples hold the first of."""
+    for value, count in change.items():
+        if count > 0:
+            at = bisect_right(ordered, value)
+            ordered[at:at] = [value] * count
+        else:
+            at = bisect_left(ordered, value)
+            if ordered[at : at - count] != [value] * -count:
+                raise ValueError(f"resolution {value} taken away {-count} times, not held")
+            del ordered[at : at - count]

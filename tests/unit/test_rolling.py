@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
@@ -22,6 +23,7 @@ from service.rolling import (
     MinuteAgg,
     PartitionAggregator,
     ThreadEvent,
+    _move,
     minute_of,
     partition_key,
 )
@@ -76,6 +78,7 @@ def stream(
         pending.clear()
         if rng.random() < 0.5:  # as an emit tick would: windows kept up to date from here
             merger.snapshots(5, EMITTED)
+            assert_resolutions_in_order(merger)
 
     for event in events:
         for _ in range(2 if rng.random() < resend_share else 1):
@@ -102,6 +105,61 @@ def test_streaming_equals_reference(seed: int, partitions: int, order_seed: int)
     expected = reference_snapshots(events, 5, EMITTED)
     merger = stream(events, partitions, rng, resend_share=0.1)
     assert merger.snapshots(5, EMITTED) == expected
+    assert_resolutions_in_order(merger)
+
+
+def assert_resolutions_in_order(merger: Merger) -> None:
+    """Each window's resolution times, kept in order as partials arrive, are its counter's."""
+    assert merger.resolutions.keys() == merger.windows.keys()
+    for key, total in merger.windows.items():
+        assert merger.resolutions[key] == sorted(total.resolution.elements()), key
+
+
+def _sum(contributions: list[MinuteAgg]) -> MinuteAgg:
+    total = MinuteAgg()
+    for contribution in contributions:
+        total.add(contribution)
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(picks=st.lists(st.tuples(st.integers(0, 599), st.integers(0, 2)), max_size=120))
+def test_adding_what_changed_equals_replacing_the_aggregate(
+    picks: list[tuple[int, int]],
+) -> None:
+    """A sum holding `old` + `new.minus(old)` = the sum with `old` taken away and `new`
+    added, to the revenue's last written digit: each event goes to the rest of the sum, to
+    `old`, to `new` or to both, so the two aggregates share some events and not others."""
+    events = workload(2, 600)
+    derived = Derived(resolution_seconds=3600.0, first_solve=True, first_contact=True)
+    parts: list[list[MinuteAgg]] = [[], [], []]  # rest, old only, new only
+    shared: list[MinuteAgg] = []
+    for index, where in picks:
+        contribution = MinuteAgg.of(events[index % len(events)], derived)
+        (shared if where == 2 and index % 2 else parts[where]).append(contribution)
+    rest, old, new = _sum(parts[0]), _sum(parts[1] + shared), _sum(parts[2] + shared)
+    replaced = _sum(parts[0])
+    replaced.add(old)
+    replaced.add(old, -1)
+    replaced.add(new)
+    changed = _sum(parts[0])
+    changed.add(old)
+    changed.add(new.minus(old))
+    assert changed.to_json() == replaced.to_json()
+    assert changed == replaced
+    assert rest.events + new.events == changed.events
+
+
+def test_a_resolution_time_not_held_is_refused() -> None:
+    """The merger's ordered resolution times follow its counters: taking away a time they do
+    not hold is a bug, and fails instead of leaving a wrong median."""
+    ordered = [1.0, 2.0, 2.0, 5.0]
+    _move(ordered, Counter({2.0: -1, 3.0: 2, 7.0: 1}))
+    assert ordered == [1.0, 2.0, 3.0, 3.0, 5.0, 7.0]
+    with pytest.raises(ValueError, match="not held"):
+        _move(ordered, Counter({4.0: -1}))
+    with pytest.raises(ValueError, match="not held"):
+        _move(ordered, Counter({3.0: -3}))
 
 
 def test_a_late_thread_event_changes_earlier_contributions() -> None:
