@@ -38,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from typing import Literal, Protocol
 
 from pydantic import Field
@@ -180,10 +181,12 @@ def median_of_sorted(samples: Sequence[float]) -> float | None:
 
 def nps_block(scores: Sequence[int], min_responses: int) -> NpsBlock:
     """NPS answers (0..10) -> the NPS block."""
-    n = len(scores)
     promoters = sum(1 for s in scores if s >= 9)
     detractors = sum(1 for s in scores if s <= 6)
-    passives = n - promoters - detractors
+    return _nps(len(scores), promoters, detractors, min_responses)
+
+
+def _nps(n: int, promoters: int, detractors: int, min_responses: int) -> NpsBlock:
     score = moe = None
     if n:
         p, d = promoters / n, detractors / n
@@ -193,7 +196,7 @@ def nps_block(scores: Sequence[int], min_responses: int) -> NpsBlock:
     return NpsBlock(
         score=_r(score),
         promoters=promoters,
-        passives=passives,
+        passives=n - promoters - detractors,
         detractors=detractors,
         responses=n,
         margin_of_error=_r(moe),
@@ -203,11 +206,14 @@ def nps_block(scores: Sequence[int], min_responses: int) -> NpsBlock:
 
 def csat_block(scores: Sequence[int], min_responses: int) -> CsatBlock:
     """CSAT answers (1..5) -> the CSAT block."""
-    n = len(scores)
+    return _csat(len(scores), sum(1 for x in scores if x >= 4), sum(scores), min_responses)
+
+
+def _csat(n: int, satisfied: int, total: int, min_responses: int) -> CsatBlock:
     score = mean = moe = None
     if n:
-        s = sum(1 for x in scores if x >= 4) / n
-        score, mean = 100 * s, sum(scores) / n
+        s = satisfied / n
+        score, mean = 100 * s, total / n
         if n >= 2:
             moe = Z95 * 100 * math.sqrt(s * (1 - s) / n)
     return CsatBlock(
@@ -222,19 +228,72 @@ def csat_block(scores: Sequence[int], min_responses: int) -> CsatBlock:
 def ces_block(scores: Sequence[int], min_responses: int) -> CesBlock:
     """CES answers (1..7, 7 = very easy) -> the CES block."""
     n = len(scores)
-    mean = easy = moe = None
+    stdev = statistics.stdev(scores) if n >= 2 else None
+    return _ces(n, sum(scores), sum(1 for x in scores if x >= 5), stdev, min_responses)
+
+
+def _ces(n: int, total: int, easy: int, stdev: float | None, min_responses: int) -> CesBlock:
+    mean = share = moe = None
     if n:
-        mean = sum(scores) / n
-        easy = 100 * sum(1 for x in scores if x >= 5) / n
-        if n >= 2:
-            moe = Z95 * statistics.stdev(scores) / math.sqrt(n)
+        mean = total / n
+        share = 100 * easy / n
+        if stdev is not None:
+            moe = Z95 * stdev / math.sqrt(n)
     return CesBlock(
         mean=_r(mean),
-        easy_share=_r(easy),
+        easy_share=_r(share),
         responses=n,
         margin_of_error=_r(moe),
         low_sample=n < min_responses,
     )
+
+
+# The blocks below are computed from counters (answer -> how many times it was given), in time
+# proportional to the distinct answers: a window's blocks were built from a list of every
+# answer in it at every emit tick (at a million answers, 0.2 s a snapshot). Each equals the
+# block of the same answers listed (`nps_block`, `csat_block`, `ces_block`): the same integer
+# sums, then the same float operations.
+
+
+def nps_block_of_counts(counts: Mapping[int, int], min_responses: int) -> NpsBlock:
+    """NPS answer -> how many times it was given -> the same block as `nps_block`."""
+    return _nps(
+        sum(counts.values()),
+        sum(c for s, c in counts.items() if s >= 9),
+        sum(c for s, c in counts.items() if s <= 6),
+        min_responses,
+    )
+
+
+def csat_block_of_counts(counts: Mapping[int, int], min_responses: int) -> CsatBlock:
+    """CSAT answer -> how many times it was given -> the same block as `csat_block`."""
+    return _csat(
+        sum(counts.values()),
+        sum(c for x, c in counts.items() if x >= 4),
+        sum(x * c for x, c in counts.items()),
+        min_responses,
+    )
+
+
+def ces_block_of_counts(counts: Mapping[int, int], min_responses: int) -> CesBlock:
+    """CES answer -> how many times it was given -> the same block as `ces_block`."""
+    n = sum(counts.values())
+    easy = sum(c for x, c in counts.items() if x >= 5)
+    total = sum(x * c for x, c in counts.items())
+    return _ces(n, total, easy, stdev_of_counts(counts), min_responses)
+
+
+def stdev_of_counts(counts: Mapping[int, int]) -> float | None:
+    """Answer -> how many times it was given -> `statistics.stdev` of every answer (None
+    under two): the exact sum of squared deviations over n - 1, its square root correctly
+    rounded by the same (private) helper `statistics.stdev` uses."""
+    n = sum(counts.values())
+    if n < 2:
+        return None
+    total = sum(x * c for x, c in counts.items())
+    squares = sum(x * x * c for x, c in counts.items())
+    mss = Fraction(n * squares - total * total, n) / (n - 1)
+    return float(statistics._float_sqrt_of_frac(mss.numerator, mss.denominator))  # type: ignore[attr-defined]
 
 
 def window_end_for(watermark: datetime) -> datetime:

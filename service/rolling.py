@@ -16,7 +16,6 @@ functions as the reference, from the same numbers.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+from sortedcontainers import SortedList
 
 from service.canonical import Channel, Kind, Ratings, Touchpoint
 from service.metrics import (
@@ -40,11 +40,11 @@ from service.metrics import (
     StoreBlock,
     SupportBlock,
     WindowName,
-    ces_block,
-    csat_block,
+    ces_block_of_counts,
+    csat_block_of_counts,
     derive,
     median_of_sorted,
-    nps_block,
+    nps_block_of_counts,
     round2,
     sentiment_block_of_counts,
     thread_key,
@@ -260,9 +260,9 @@ def snapshot_of(
         emitted_at=emitted_at,
         events=agg.events,
         customers=len(agg.customers),
-        nps=nps_block(list(agg.nps.elements()), min_responses),
-        csat=csat_block(list(agg.csat.elements()), min_responses),
-        ces=ces_block(list(agg.ces.elements()), min_responses),
+        nps=nps_block_of_counts(agg.nps, min_responses),
+        csat=csat_block_of_counts(agg.csat, min_responses),
+        ces=ces_block_of_counts(agg.ces, min_responses),
         sentiment=sentiment_block_of_counts(agg.sentiment),
         support=SupportBlock(
             tickets_created=kinds["ticket_created"],
@@ -442,9 +442,9 @@ class Merger:
     # (scope, window) -> its total, for windows ending at `windows_end` (a minute number)
     windows: dict[tuple[Scope, WindowName], MinuteAgg] = field(default_factory=dict)
     # (scope, window) -> the resolution times its total counts, in ascending order: a median
-    # at every emit tick from the counter sorted 30 days of them each time (8 % of the
-    # worker's CPU late in a 200 000-message run)
-    resolutions: dict[tuple[Scope, WindowName], list[float]] = field(default_factory=dict)
+    # at every emit tick from the counter sorted 30 days of them each time (0.9 s at a
+    # million; a sorted list takes one in 4 µs and indexes in 1 µs at that size)
+    resolutions: dict[tuple[Scope, WindowName], SortedList] = field(default_factory=dict)
     windows_end: int | None = None
     # The oldest minute among the partials: forgetting scans only when something is due.
     oldest: int | None = field(default=None, compare=False, repr=False)
@@ -502,7 +502,7 @@ class Merger:
                 if end_minute - int(size // MINUTE) <= minute < end_minute:
                     self.windows[(scope, window)].add(agg)
         self.resolutions = {
-            key: sorted(total.resolution.elements()) for key, total in self.windows.items()
+            key: SortedList(total.resolution.elements()) for key, total in self.windows.items()
         }
         self.windows_end = end_minute
 
@@ -540,16 +540,16 @@ class Merger:
         return gone
 
 
-def _move(ordered: list[float], change: Counter[float]) -> None:
+def _move(ordered: SortedList, change: Counter[float]) -> None:
     """Samples in ascending order + value -> count added (or, negative, taken away) ->
     still in order. A value taken away is there: `change` is the difference between two
     aggregates the samples hold the first of."""
     for value, count in change.items():
         if count > 0:
-            at = bisect_right(ordered, value)
-            ordered[at:at] = [value] * count
-        else:
-            at = bisect_left(ordered, value)
-            if ordered[at : at - count] != [value] * -count:
-                raise ValueError(f"resolution {value} taken away {-count} times, not held")
-            del ordered[at : at - count]
+            ordered.update([value] * count)
+            continue
+        for _ in range(-count):
+            try:
+                ordered.remove(value)
+            except ValueError:
+                raise ValueError(f"resolution {value} taken away, not held") from None

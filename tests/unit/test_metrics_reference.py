@@ -4,6 +4,7 @@ properties, checked against hand-computed numbers (contract section 4, service/m
 from __future__ import annotations
 
 import itertools
+import random
 import re
 import statistics
 from collections import Counter
@@ -20,13 +21,17 @@ from service.canonical import Ratings, Source, Touchpoint
 from service.metrics import (
     Snapshot,
     ces_block,
+    ces_block_of_counts,
     csat_block,
+    csat_block_of_counts,
     median_of_sorted,
     nps_block,
+    nps_block_of_counts,
     on_time,
     reference_snapshots,
     sentiment_block,
     sentiment_block_of_counts,
+    stdev_of_counts,
     window_end_for,
 )
 
@@ -857,6 +862,39 @@ _SENTIMENTS = st.sampled_from((4, 12)).flatmap(
 @given(st.lists(_SENTIMENTS, max_size=300))
 def test_sentiment_from_counts_equals_from_every_sample(samples: list[float]) -> None:
     assert sentiment_block_of_counts(Counter(samples)) == sentiment_block(samples)
+
+
+@given(st.lists(st.integers(0, 10), max_size=300), st.integers(0, 40))
+def test_nps_from_counts_equals_from_every_answer(scores: list[int], least: int) -> None:
+    assert nps_block_of_counts(Counter(scores), least) == nps_block(scores, least)
+
+
+@given(st.lists(st.integers(1, 5), max_size=300), st.integers(0, 40))
+def test_csat_from_counts_equals_from_every_answer(scores: list[int], least: int) -> None:
+    assert csat_block_of_counts(Counter(scores), least) == csat_block(scores, least)
+
+
+@given(st.lists(st.integers(1, 7), max_size=300), st.integers(0, 40))
+def test_ces_from_counts_equals_from_every_answer(scores: list[int], least: int) -> None:
+    assert ces_block_of_counts(Counter(scores), least) == ces_block(scores, least)
+
+
+@given(st.lists(st.integers(-(10**6), 10**6), max_size=300))
+def test_stdev_from_counts_equals_statistics_stdev(answers: list[int]) -> None:
+    expected = statistics.stdev(answers) if len(answers) >= 2 else None
+    assert stdev_of_counts(Counter(answers)) == expected
+
+
+def test_blocks_from_counts_equal_from_every_answer_at_a_window_of_a_month() -> None:
+    """The margins of error to the last digit at the sizes a 30-day window reaches."""
+    rng = random.Random(7)
+    for n in (2, 3, 1_000, 250_000):
+        nps = [rng.choice((0, 3, 6, 7, 8, 9, 10, 10)) for _ in range(n)]
+        csat = [rng.choice((1, 2, 4, 5, 5)) for _ in range(n)]
+        ces = [rng.choice((1, 2, 3, 5, 6, 7, 7)) for _ in range(n)]
+        assert nps_block_of_counts(Counter(nps), 30) == nps_block(nps, 30)
+        assert csat_block_of_counts(Counter(csat), 30) == csat_block(csat, 30)
+        assert ces_block_of_counts(Counter(ces), 30) == ces_block(ces, 30)
 
 
 @given(st.lists(st.floats(0, 1e9, allow_nan=False), max_size=300) | st.lists(
