@@ -123,6 +123,21 @@ def _kill(worker: WorkerProcess, point: str, started: float) -> None:
     )
 
 
+def _differences(copies: set[tuple[bytes | None, bytes | None]]) -> dict[str, list[Any]]:
+    """Differing copies of one timeline record -> each field (the record key as "key") whose
+    values differ, with the value of each copy; their bytes when no field does (key order)."""
+    documents = [
+        {"key": (key or b"").decode(), **json.loads(value or b"{}")} for key, value in copies
+    ]
+    fields = {name for document in documents for name in document}
+    differ = {
+        name: [document.get(name) for document in documents]
+        for name in sorted(fields)
+        if len({json.dumps(document.get(name), sort_keys=True) for document in documents}) > 1
+    }
+    return differ or {"bytes": [value for _, value in copies]}
+
+
 def test_kill_9_at_three_points_is_exact(broker: EmbeddedBroker, tmp_path: Path) -> None:
     scenario = Scenario.new(broker, tmp_path)
     messages = _messages(800, seed=71)
@@ -186,7 +201,7 @@ def test_kill_9_at_three_points_is_exact(broker: EmbeddedBroker, tmp_path: Path)
         event_id = Touchpoint.model_validate_json(record.value or b"").event_id
         copies.setdefault(event_id, set()).add((record.key, record.value))
     differing = {event_id: found for event_id, found in copies.items() if len(found) > 1}
-    assert not differing, list(differing.items())[:3]
+    assert not differing, {event_id: _differences(found) for event_id, found in differing.items()}
     print(f"kill -9 at three points: exact after {time.monotonic() - started:.1f}s")
 
 

@@ -26,7 +26,7 @@ from service.simulate import SimMessage, generate, topic_for
 from service.topics import Topics
 from tests.kafka.harness import Scenario, WorkerProcess, publish, read_topic
 from tests.kafka.proxy import Proxied, proxied_broker
-from tests.reliability.exact import assert_exact
+from tests.reliability.exact import Expected, assert_exact, filed_ids
 
 pytestmark = pytest.mark.reliability
 
@@ -130,6 +130,36 @@ def _stages(scenario: Scenario, direct: str) -> dict[str, list[int]]:
     return by_topic
 
 
+def _trace(
+    scenario: Scenario,
+    direct: str,
+    messages: list[SimMessage],
+    first_bad: dict[TopicPartition, int],
+) -> str:
+    """Valid event ids missing from cx.timeline -> how many of them each internal topic holds,
+    and where each was in its raw topic (beside that partition's first bad offset): which
+    stage lost them."""
+    missing = Expected.of(messages).valid_ids - filed_ids(scenario)
+    by_raw = {(m.key, m.value): m.event_id for m in messages if m.event_id in missing}
+    raw: dict[str | None, list[tuple[str, int, int, int | None]]] = {}
+    for topic in Topics(scenario.prefix).raw_topics:
+        for r in asyncio.run(read_topic(direct, topic, lambda _: False, within=3)):
+            if (r.key, r.value) in by_raw:
+                place = (
+                    topic,
+                    r.partition,
+                    r.offset,
+                    first_bad.get(TopicPartition(topic, r.partition)),
+                )
+                raw.setdefault(by_raw[(r.key, r.value)], []).append(place)
+    topics = Topics(scenario.prefix)
+    held: dict[str, int] = {}
+    for name in (topics.accepted, topics.identity_stream, topics.customer_stream):
+        values = [r.value or b"" for r in asyncio.run(read_topic(direct, name, lambda _: False, 3))]
+        held[name] = sum(any(i.encode() in v for v in values) for i in missing)
+    return f"{len(missing)} missing; on {held}; raw (topic, partition, offset, first bad): {raw}"
+
+
 def test_refused_dead_letter_stops_the_worker_without_committing(
     proxied: Proxied, tmp_path: Path
 ) -> None:
@@ -183,7 +213,9 @@ def test_refused_dead_letter_stops_the_worker_without_committing(
             # Flaky in runs of the whole tier (never alone so far): chat events missing, the
             # last worker idle in a py-spy dump. Where the group stands on each topic, for
             # the next failure to say which stage lost them.
-            raise AssertionError(f"{exc}\ncommitted: {_stages(scenario, proxied.direct)}") from exc
+            trace = _trace(scenario, proxied.direct, messages, first_bad)
+            committed_now = _stages(scenario, proxied.direct)
+            raise AssertionError(f"{exc}\ncommitted: {committed_now}\n{trace}") from exc
         recovered = time.monotonic() - repaired
     finally:
         assert last.stop() == 0, last.log_tail()
