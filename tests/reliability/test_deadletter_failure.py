@@ -88,19 +88,26 @@ def _at_least(count: int, records: list[ConsumerRecord[bytes, bytes]]) -> bool:
     return len(records) >= count
 
 
+def _raw_records(
+    scenario: Scenario, direct: str, messages: list[SimMessage]
+) -> Iterator[tuple[str, ConsumerRecord[bytes, bytes]]]:
+    """Published messages -> (raw topic, record) for each, read back from the raw topics."""
+    for topic in Topics(scenario.prefix).raw_topics:
+        count = sum(topic_for(scenario.prefix, m.channel) == topic for m in messages)
+        for record in asyncio.run(read_topic(direct, topic, partial(_at_least, count))):
+            yield topic, record
+
+
 def _first_bad(
     scenario: Scenario, direct: str, messages: list[SimMessage]
 ) -> dict[TopicPartition, int]:
     """Raw partition -> the offset of its first bad message, read back from the raw topics."""
     bad = {(m.key, m.value) for m in messages if m.kind == "bad"}
     first: dict[TopicPartition, int] = {}
-    for topic in Topics(scenario.prefix).raw_topics:
-        count = sum(topic_for(scenario.prefix, m.channel) == topic for m in messages)
-        records = asyncio.run(read_topic(direct, topic, partial(_at_least, count)))
-        for r in records:
-            tp = TopicPartition(topic, r.partition)
-            if (r.key, r.value) in bad and r.offset < first.get(tp, r.offset + 1):
-                first[tp] = r.offset
+    for topic, r in _raw_records(scenario, direct, messages):
+        tp = TopicPartition(topic, r.partition)
+        if (r.key, r.value) in bad and r.offset < first.get(tp, r.offset + 1):
+            first[tp] = r.offset
     assert len(first) > 1, first
     return first
 
@@ -142,16 +149,15 @@ def _trace(
     missing = Expected.of(messages).valid_ids - filed_ids(scenario)
     by_raw = {(m.key, m.value): m.event_id for m in messages if m.event_id in missing}
     raw: dict[str | None, list[tuple[str, int, int, int | None]]] = {}
-    for topic in Topics(scenario.prefix).raw_topics:
-        for r in asyncio.run(read_topic(direct, topic, lambda _: False, within=3)):
-            if (r.key, r.value) in by_raw:
-                place = (
-                    topic,
-                    r.partition,
-                    r.offset,
-                    first_bad.get(TopicPartition(topic, r.partition)),
-                )
-                raw.setdefault(by_raw[(r.key, r.value)], []).append(place)
+    for topic, r in _raw_records(scenario, direct, messages):
+        if (r.key, r.value) in by_raw:
+            place = (
+                topic,
+                r.partition,
+                r.offset,
+                first_bad.get(TopicPartition(topic, r.partition)),
+            )
+            raw.setdefault(by_raw[(r.key, r.value)], []).append(place)
     topics = Topics(scenario.prefix)
     held: dict[str, int] = {}
     for name in (topics.accepted, topics.identity_stream, topics.customer_stream):
@@ -211,8 +217,8 @@ def test_refused_dead_letter_stops_the_worker_without_committing(
             assert_exact(scenario, messages)
         except AssertionError as exc:
             # Flaky in runs of the whole tier (never alone so far): chat events missing, the
-            # last worker idle in a py-spy dump. Where the group stands on each topic, for
-            # the next failure to say which stage lost them.
+            # last worker idle in a py-spy dump. Where the group stands on each topic, and
+            # where the missing events are, for the next failure to say which stage lost them.
             trace = _trace(scenario, proxied.direct, messages, first_bad)
             committed_now = _stages(scenario, proxied.direct)
             raise AssertionError(f"{exc}\ncommitted: {committed_now}\n{trace}") from exc
