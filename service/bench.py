@@ -308,6 +308,16 @@ def to_timeline_ms(raw: list[Record], timeline: list[Record]) -> list[float]:
     return [float(filed - sent) for sent, filed in filed_times(raw, timeline).values()]
 
 
+def after_warmup(times: dict[str, tuple[int, int]], seconds: float) -> list[float]:
+    """Per event (publish time, timeline time) -> the latencies of those published at least
+    `seconds` after the first one (the first second of traffic on a fresh worker is slower:
+    README, Performance)."""
+    if not times:
+        return []
+    since = min(sent for sent, _ in times.values()) + seconds * 1000
+    return [float(filed - sent) for sent, filed in times.values() if sent >= since]
+
+
 def to_snapshot_ms(publish_ms: list[int], snapshots: list[Record], key: str) -> list[float]:
     """The k-th accepted event (in publishing order) is taken as reflected by the first
     snapshot of `key` counting at least k events -> per event, that snapshot's time minus its
@@ -424,6 +434,10 @@ def throughput(
     }
 
 
+# Events published this long after the first are reported apart as well (steady state).
+WARMUP_S = 2.0
+
+
 def latency(settings: Settings, bootstrap: str, rate: float, count: int) -> dict[str, Any]:
     """One worker; `count` messages published at `rate`/s while it runs -> latency
     percentiles from publish to the timeline record and to the first snapshot counting it."""
@@ -446,6 +460,7 @@ def latency(settings: Settings, bootstrap: str, rate: float, count: int) -> dict
     times = filed_times(raw, timeline)  # one pass over the timeline serves both measures
     longest = f"all/{max(WINDOWS, key=WINDOWS.__getitem__)}"
     to_timeline = [float(filed - sent) for sent, filed in times.values()]
+    steady = after_warmup(times, WARMUP_S)
     to_snapshot = to_snapshot_ms([sent for sent, _ in times.values()], snapshots, longest)
     points = (50, 99, 99.9)
     return {
@@ -456,6 +471,11 @@ def latency(settings: Settings, bootstrap: str, rate: float, count: int) -> dict
         "published_per_s": round(len(batch) / published, 1),
         "caught_up_after_publishing_s": round(behind, 1),
         "publish_to_timeline": {"events": len(to_timeline), **percentiles(to_timeline, points)},
+        "publish_to_timeline_after_warmup": {
+            "published_after_s": WARMUP_S,
+            "events": len(steady),
+            **percentiles(steady, points),
+        },
         "publish_to_snapshot": {
             "snapshot": longest,
             "events": len(to_snapshot),

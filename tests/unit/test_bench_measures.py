@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.bench import Record, percentiles, to_snapshot_ms, to_timeline_ms
+from service.bench import Record, after_warmup, percentiles, to_snapshot_ms, to_timeline_ms
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +66,10 @@ def test_snapshot_latency_takes_the_first_snapshot_counting_each_event() -> None
     ]
     assert to_snapshot_ms(published, snapshots, "all/30d") == [500, 400, 800, 700]
     assert to_snapshot_ms(published, [snapshot(3, 1_500)], "all/30d") == [500, 400, 300]
+
+
+def test_after_warmup_keeps_events_published_that_long_after_the_first() -> None:
+    times = {"a": (1_000, 1_400), "b": (2_999, 3_050), "c": (3_000, 3_020), "d": (4_500, 4_530)}
+    assert sorted(after_warmup(times, 2.0)) == [20, 30]
+    assert sorted(after_warmup(times, 0.0)) == [20, 30, 51, 400]
+    assert after_warmup({}, 2.0) == []
