@@ -35,6 +35,8 @@ from service.topics import Topics
 
 FILED = "cxpulse_processing_latency_seconds_count"  # one per event filed on a record
 CHANNELS = ("web", "chat", "support", "store")
+# The stages a worker's event is consumed by (ingest, accept, identity, customers, metrics).
+FLOOR_HOPS = 5
 
 
 @dataclass
@@ -384,6 +386,28 @@ def running(
             exit_codes.extend(w.stop() for w in started)
 
 
+def transport_floor(bootstrap: str, prefix: str, count: int, hops: int) -> dict[str, Any]:
+    """The run's `count` raw messages through `hops` forwarding Faust agents with the worker's
+    transport, in a child process (`service.floor`) -> its report: what the service could
+    reach if its stages did no work."""
+    env = worker_env(bootstrap, prefix)
+    with tempfile.TemporaryFile() as log:
+        done = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
+            [sys.executable, "-m", "service.floor", str(count), str(hops)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            timeout=max(600.0, count / 50),
+            check=False,
+        )
+        if done.returncode != 0:
+            log.seek(0)
+            tail = log.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"transport floor exited {done.returncode}: {tail}")
+    report: dict[str, Any] = orjson.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
 def _run_settings(settings: Settings, bootstrap: str, prefix: str) -> Settings:
     update = {"kafka_bootstrap_servers": bootstrap, "topic_prefix": prefix}
     return settings.model_copy(update=update)
@@ -409,6 +433,8 @@ def throughput(
         cpu = sum(w.cpu_seconds() for w in started) - cpu_before
         peak = max(w.peak_rss_mb() for w in started)
     rate = accepted / seconds
+    # After the workers, so that its records in the broker do not slow them.
+    floor = transport_floor(bootstrap, prefix, len(batch), FLOOR_HOPS)
     topics = Topics(prefix)
     raw = asyncio.run(read_all(bootstrap, list(topics.raw_topics)))
     timeline = asyncio.run(read_all(bootstrap, [topics.timeline]))
@@ -426,6 +452,7 @@ def throughput(
         "baseline": base,
         "ratio_to_baseline": round(rate / base["events_per_s"], 6),
         "core_only": core,
+        "transport_floor": floor,
         # Preloaded: an event waits for those before it, so this is mostly queueing.
         "publish_to_timeline": percentiles(to_timeline_ms(raw, timeline), (50, 99)),
         "exit_codes": codes,

@@ -37,5 +37,10 @@ def test_bench_prints_a_json_report(broker: EmbeddedBroker) -> None:
     assert report["exit_codes"] == [0]
     assert report["peak_rss_mb"] > 0
     assert report["core_only"]["events"] == report["events"]  # same events, same verdicts
+    floor = report["transport_floor"]
+    assert floor["hops"] == 5
+    assert floor["events"] == 1500  # every raw message, bad ones too, through every hop
+    assert floor["events_per_s"] > 0
+    assert floor["cpu_us_per_hop"] == pytest.approx(floor["cpu_us_per_event"] / 5, abs=0.1)
     latency = report["publish_to_timeline"]
     assert 0 < latency["p50_ms"] <= latency["p99_ms"]
