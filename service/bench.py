@@ -79,7 +79,7 @@ class BenchWorker:
         return total(self.scrape(), FILED)
 
     def rss_mb(self) -> float:
-        return round(_status_kb(self.process.pid, "VmRSS") / 1024, 1)
+        return round(status_kb(self.process.pid, "VmRSS") / 1024, 1)
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time so far (0 where there is no /proc)."""
@@ -90,7 +90,7 @@ class BenchWorker:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float:
-        return round(_status_kb(self.process.pid, "VmHWM") / 1024, 1)
+        return round(status_kb(self.process.pid, "VmHWM") / 1024, 1)
 
     def stop(self) -> int:
         self.process.terminate()
@@ -118,7 +118,7 @@ def total(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
-def _status_kb(pid: int, field: str) -> float:
+def status_kb(pid: int, field: str) -> float:
     """A kB field of /proc/{pid}/status (0 where there is no /proc)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
