@@ -8,9 +8,9 @@ worker's event crosses five stages (ingest, accept, identity, customers, metrics
 consume and at least one produce, so five hops bound from above what the service could reach
 with a free core: `cxpulse bench` reports it beside `core_only`, the core with no transport.
 
-Run by the bench in a child process (`python -m service.floor BOOTSTRAP_PREFIX COUNT HOPS`):
-it prints one JSON line on stdout, then ends the process (its topics and state are thrown
-away with the bench's prefix).
+Run by the bench in a child process (`python -m service.floor COUNT HOPS`, with a bench
+worker's CX_ settings): it prints one JSON line on stdout, then ends the process (its topics
+and state are thrown away with the bench's prefix).
 """
 
 from __future__ import annotations
