@@ -26,7 +26,7 @@ from typing import Any, cast
 import faust
 import orjson
 
-from service import delivery, handoff, pausing
+from service import delivery, handoff, pausing, yielding
 from service.bench import status_kb
 from service.delivery import mark_handled
 from service.outbox import Outbox
@@ -87,6 +87,7 @@ def build_floor(settings: Settings, expected: int, hops: int) -> tuple[faust.App
     delivery.install()
     handoff.install()
     pausing.install()
+    yielding.install()
     app = _faust_app(settings)
     outbox = Outbox(lambda: cast(Any, app.producer)._ensure_producer())
     install_outbox(app.producer, outbox)

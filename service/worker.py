@@ -26,7 +26,7 @@ from faust.types.tuples import Message
 from mode import ServiceT
 from prometheus_client import CollectorRegistry
 
-from service import delivery, handoff, pausing
+from service import delivery, handoff, pausing, yielding
 from service.alerts import alerts_for
 from service.canonical import CHANNELS, IdentityMerge, Normalized, Routed, Source, epoch_ms
 from service.deadletter import deadletter_headers
@@ -392,6 +392,7 @@ def build_worker(
     delivery.install()
     handoff.install()
     pausing.install()
+    yielding.install()
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     topics = Topics(settings.topic_prefix)
