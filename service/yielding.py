@@ -4,6 +4,8 @@
 loop turn (a selector poll, the ready callbacks) per event and per stage, so that a stage whose
 queue is never empty cannot hold the loop. Measured with five forwarding agents on the worker's
 transport (`service/floor.py`): 45 µs of CPU a hop, 31.8 µs when it yields every 16th time.
+In the worker (20 000 messages): 1.25 ms of CPU an event, 0.89 ms every 16th, 0.84 ms every
+64th; a stage then holds the loop for at most 64 events, a few tens of milliseconds.
 
 `install` gives `faust.streams` an `asyncio` whose `sleep(0)` yields every `YIELD_EVERY`-th
 call and returns at once otherwise; every other name (and any other delay) is asyncio's own.
@@ -23,7 +25,7 @@ from typing import Any
 
 import faust.streams
 
-YIELD_EVERY = 16
+YIELD_EVERY = 64
 
 # Every line of `faust.streams` that sleeps (all in `_py_aiter`): a faust-streaming that
 # changes them fails tests/unit/test_yielding.py until the patch is checked again.
