@@ -1,8 +1,9 @@
 """The transport floor: a bench's raw messages through `hops` Faust agents that only forward
 -> what the worker's transport costs with no work at all (events/s, CPU per event).
 
-Each hop is a Faust agent with the worker's own transport: the same app settings, hand-off,
-acknowledgement, pause and fetch-wait patches, and outbox. Hop 0 reads the raw topics, each
+Each hop is a Faust agent with the worker's own transport (`service.worker.transport`: the
+same app settings, hand-off, acknowledgement, pause, yield and fetch-wait patches, and
+outbox). Hop 0 reads the raw topics, each
 hop forwards the value unchanged (key kept) to the next hop's topic, and the last counts. A
 worker's event crosses five stages (ingest, accept, identity, customers, metrics), each a
 consume and at least one produce, so five hops bound from above what the service could reach
@@ -21,19 +22,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faust
 import orjson
 
-from service import delivery, handoff, pausing, yielding
 from service.bench import status_kb
 from service.delivery import mark_handled
-from service.outbox import Outbox
-from service.outbox import install as install_outbox
 from service.settings import Settings, load_settings
 from service.topics import Topics
-from service.worker import _faust_app, _patch_fetch_wait, _raw_topic, producer_send
+from service.worker import _raw_topic, producer_send, transport
 
 
 @dataclass
@@ -80,17 +78,11 @@ def floor_report(events: int, seconds: float, cpu_seconds: float, hops: int) -> 
     }
 
 
-def build_floor(settings: Settings, expected: int, hops: int) -> tuple[faust.App, Tally]:
-    """Settings of the bench's run -> a Faust app of `hops` forwarding agents, and its tally
-    (the report is set once `expected` messages reached the last hop)."""
-    _patch_fetch_wait()
-    delivery.install()
-    handoff.install()
-    pausing.install()
-    yielding.install()
-    app = _faust_app(settings)
-    outbox = Outbox(lambda: cast(Any, app.producer)._ensure_producer())
-    install_outbox(app.producer, outbox)
+def build_floor(settings: Settings, expected: int, hops: int) -> faust.App:
+    """Settings of the bench's run -> a Faust app of `hops` forwarding agents on the worker's
+    transport; the last prints the report and ends the process once `expected` messages
+    reached it."""
+    app, outbox = transport(settings)
     send = producer_send(outbox)
     prefix = settings.topic_prefix
     sources = [_raw_topic(app, *Topics(prefix).raw_topics)] + [
@@ -121,7 +113,7 @@ def build_floor(settings: Settings, expected: int, hops: int) -> tuple[faust.App
 
     for hop in range(hops):
         app.agent(sources[hop], name=f"floor{hop}")(forward(hop))
-    return app, tally
+    return app
 
 
 def main(argv: list[str]) -> int:
@@ -132,7 +124,7 @@ def main(argv: list[str]) -> int:
         settings = base.model_copy(
             update={"group_id": f"{base.topic_prefix}-floor", "data_dir": Path(tmp)}
         )
-        app, _ = build_floor(settings, expected, hops)
+        app = build_floor(settings, expected, hops)
         worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
         worker.spinner = None  # it would set the root logger to DEBUG (see faust_worker_for)
         worker.execute_from_commandline()

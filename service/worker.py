@@ -375,6 +375,21 @@ async def forget_request(worker: Worker, key: str) -> None:
     await fut
 
 
+def transport(settings: Settings) -> tuple[faust.App, Outbox]:
+    """Settings -> the Faust app a worker runs on, with the service's patches to Faust and
+    aiokafka installed and its producer behind an outbox (nothing is started). The bench's
+    transport floor (`service/floor.py`) runs on the same."""
+    _patch_fetch_wait()
+    delivery.install()
+    handoff.install()
+    pausing.install()
+    yielding.install()
+    app = _faust_app(settings)
+    outbox = Outbox(lambda: cast(Any, app.producer)._ensure_producer())
+    install_outbox(app.producer, outbox)
+    return app, outbox
+
+
 def build_worker(
     settings: Settings,
     registry: CollectorRegistry | None = None,
@@ -388,21 +403,14 @@ def build_worker(
     so that the message's offset is never committed and it is read again after a restart."""
     if on_fatal is None:
         on_fatal = exit_now
-    _patch_fetch_wait()
-    delivery.install()
-    handoff.install()
-    pausing.install()
-    yielding.install()
     registry = registry or CollectorRegistry()
     metrics = Metrics(registry)
     topics = Topics(settings.topic_prefix)
     pii_key = settings.require_pii_key()
     limits = Limits(settings.max_payload_bytes, settings.max_clock_skew)
     bounds = Bounds(settings.timeline_max_events, settings.timeline_max_age)
-    app = _faust_app(settings)
+    app, outbox = transport(settings)
     recover_to_true_ends(app, kafka_client_kwargs(settings))
-    outbox = Outbox(lambda: cast(Any, app.producer)._ensure_producer())
-    install_outbox(app.producer, outbox)
 
     worker = Worker(
         settings=settings,
