@@ -390,8 +390,13 @@ def transport_floor(bootstrap: str, prefix: str, count: int, hops: int) -> dict[
     """The run's `count` raw messages through `hops` forwarding Faust agents with the worker's
     transport, in a child process (`service.floor`) -> its report: what the service could
     reach if its stages did no work."""
-    env = worker_env(bootstrap, prefix)
-    with tempfile.TemporaryFile() as log:
+    # The bench owns the child's data directory: the child ends with os._exit once it has
+    # counted (see service.floor), which would skip its own cleanup.
+    with (
+        tempfile.TemporaryDirectory(prefix="cxpulse-floor-") as tmp,
+        tempfile.TemporaryFile() as log,
+    ):
+        env = {**worker_env(bootstrap, prefix), "CX_DATA_DIR": tmp}
         done = subprocess.run(  # noqa: S603 - this interpreter, fixed arguments
             [sys.executable, "-m", "service.floor", str(count), str(hops)],
             env=env,

@@ -10,18 +10,17 @@ consume and at least one produce, so five hops bound from above what the service
 with a free core: `cxpulse bench` reports it beside `core_only`, the core with no transport.
 
 Run by the bench in a child process (`python -m service.floor COUNT HOPS`, with a bench
-worker's CX_ settings): it prints one JSON line on stdout, then ends the process (its topics
-and state are thrown away with the bench's prefix).
+worker's CX_ settings and a data directory in CX_DATA_DIR that the bench removes): it prints
+one JSON line on stdout, then ends the process (its topics and state are thrown away with the
+bench's prefix).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -119,15 +118,12 @@ def build_floor(settings: Settings, expected: int, hops: int) -> faust.App:
 def main(argv: list[str]) -> int:
     """`python -m service.floor COUNT HOPS` (settings from CX_ variables) -> a JSON line."""
     expected, hops = int(argv[0]), int(argv[1])
-    with tempfile.TemporaryDirectory(prefix="cxpulse-floor-") as tmp:
-        base = load_settings()
-        settings = base.model_copy(
-            update={"group_id": f"{base.topic_prefix}-floor", "data_dir": Path(tmp)}
-        )
-        app = build_floor(settings, expected, hops)
-        worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
-        worker.spinner = None  # it would set the root logger to DEBUG (see faust_worker_for)
-        worker.execute_from_commandline()
+    base = load_settings()  # CX_DATA_DIR: a directory the bench made and removes
+    settings = base.model_copy(update={"group_id": f"{base.topic_prefix}-floor"})
+    app = build_floor(settings, expected, hops)
+    worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
+    worker.spinner = None  # it would set the root logger to DEBUG (see faust_worker_for)
+    worker.execute_from_commandline()
     return 1  # only a failed start gets here: a finished run ends the process
 
 

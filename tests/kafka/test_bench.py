@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,10 @@ from service.broker import EmbeddedBroker
 pytestmark = pytest.mark.kafka
 
 
-def test_bench_prints_a_json_report(broker: EmbeddedBroker) -> None:
+def test_bench_prints_a_json_report(broker: EmbeddedBroker, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CX_")}
     env["CX_KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+    env["TMPDIR"] = str(tmp_path)  # the workers' and the floor's data directories
     done = subprocess.run(
         [sys.executable, "-m", "service", "bench", "--events", "1500"],
         env=env,
@@ -44,3 +46,4 @@ def test_bench_prints_a_json_report(broker: EmbeddedBroker) -> None:
     assert floor["cpu_us_per_hop"] == pytest.approx(floor["cpu_us_per_event"] / 5, abs=0.1)
     latency = report["publish_to_timeline"]
     assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+    assert list(tmp_path.iterdir()) == []  # nothing left behind (the floor ends with os._exit)
