@@ -3,7 +3,7 @@
 customers stage --(filed touchpoint, keyed by its ticket/conversation or event id)-->
   metrics agent (N partitions): the events of the last days per minute in a table, each id
   once; in memory a `PartitionAggregator`. Every CX_EMIT_INTERVAL the changed minute
-  aggregates go, whole, up to about 256 kB of them per message, to
+  aggregates (per channel) go, whole, up to about 256 kB of them per message, to
   merger agent (1 partition): keeps every partition's latest aggregate per minute (replacing
   one is idempotent) and, every CX_EMIT_INTERVAL, publishes the snapshots whose numbers
   changed or whose window slid to the compacted `cx.metrics`.
@@ -21,7 +21,7 @@ import faust
 import orjson
 from faust.exceptions import NotReady
 
-from service.canonical import Touchpoint, epoch_ms, from_epoch_ms, to_utc_millis
+from service.canonical import CHANNELS, Touchpoint, epoch_ms, from_epoch_ms, to_utc_millis
 from service.fence import Fenced
 from service.metrics import LONGEST, Scope, Snapshot
 from service.observability import Metrics
@@ -108,8 +108,14 @@ def wire_metrics(
     def merger() -> Merger:
         if state.merger is None:
             state.merger = Merger()
-            for value in partials_table.values():
-                _receive(state.merger, value)
+            summed = []
+            for key, value in partials_table.items():
+                if value["scope"] in CHANNELS:
+                    _receive(state.merger, value)
+                else:
+                    summed.append(key)
+            for key in summed:  # "all", kept by an earlier version: now summed from channels
+                partials_table.pop(key, None)
         return state.merger
 
     async def handle_event(message: Any) -> None:
@@ -144,6 +150,8 @@ def wire_metrics(
         """A partition's minute aggregates -> the merger (each replacing the one before)."""
         merged = merger()
         for key, value in unbatch(orjson.loads(message.value or b"{}")):
+            if value["scope"] not in CHANNELS:
+                continue  # "all", sent by an earlier version: the merger sums it itself
             if _receive(merged, value):
                 partials_table[key] = value
             else:

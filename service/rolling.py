@@ -4,11 +4,13 @@ The shape the worker will run (and that tests check against `metrics.reference_s
 
 - events are spread over partitions by `partition_key` (a ticket's or conversation's events
   stay together, so `derive` can join them);
-- each `PartitionAggregator` keeps, per minute and scope, a `MinuteAgg` of what its events
+- each `PartitionAggregator` keeps, per minute and channel, a `MinuteAgg` of what its events
   contribute, plus its threads; a late-arriving thread event re-derives its thread and
   replaces the contributions it changed;
 - a `Merger` adds the partitions' minute aggregates (each one replaced whole, so receiving one
-  twice changes nothing) and cuts windows at the global watermark.
+  twice changes nothing) to its channel's totals and to those of "all" (every part of an
+  aggregate adds up, distinct customers included: "all" is the sum of the channels), and cuts
+  windows at the global watermark.
 
 A `MinuteAgg` keeps counters of raw values, so a window is computed by the same block
 functions as the reference, from the same numbers.
@@ -26,7 +28,7 @@ from typing import Any
 import orjson
 from sortedcontainers import SortedList
 
-from service.canonical import Channel, Kind, Ratings, Touchpoint
+from service.canonical import CHANNELS, Channel, Kind, Ratings, Touchpoint
 from service.metrics import (
     DEFINITIONS_VERSION,
     LONGEST,
@@ -312,8 +314,9 @@ class ThreadEvent:
         )  # fmt: skip
 
 
-def _scopes(event: Touchpoint | ThreadEvent) -> tuple[Scope, Scope]:
-    return "all", event.channel
+def _scopes(scope: Scope) -> tuple[Scope, Scope]:
+    """A channel's scope -> the scopes its aggregates count in: its own, and "all"."""
+    return scope, "all"
 
 
 @dataclass
@@ -415,14 +418,14 @@ class PartitionAggregator:
         sign: int,
         changed: set[tuple[Scope, int]],
     ) -> None:
-        minute = minute_of(event.occurred_at)
-        contribution = MinuteAgg.of(event, derived)
-        for scope in _scopes(event):
-            bucket = self.minutes.get((scope, minute))
-            if bucket is None:
-                bucket = self.minutes[(scope, minute)] = MinuteAgg()
-            bucket.add(contribution, sign)
-            changed.add((scope, minute))
+        # The channel's scope only: "all" is the sum of the channels (every part of an
+        # aggregate adds up, distinct customers included), and the merger sums it.
+        bucket_key = (event.channel, minute_of(event.occurred_at))
+        bucket = self.minutes.get(bucket_key)
+        if bucket is None:
+            bucket = self.minutes[bucket_key] = MinuteAgg()
+        bucket.add(MinuteAgg.of(event, derived), sign)
+        changed.add(bucket_key)
 
 
 @dataclass
@@ -466,20 +469,24 @@ class Merger:
         A partition's aggregates at version V count exactly its events up to offset V,
         whichever worker sent them. An older one can come after a newer one: a worker paused
         past its session sends what its producer held when it resumes, after its successor's."""
+        if scope not in CHANNELS:
+            raise ValueError(f"partials are per channel, not {scope!r}: the merger sums 'all'")
         key = (partition, scope, minute)
         held = self.partials.get(key)
         if held is not None and version < held[0]:
             return False
         change = agg if held is None else agg.minus(MinuteAgg.from_json(orjson.loads(held[1])))
-        total = self.totals.get((scope, minute))
-        if total is None:
-            total = self.totals[(scope, minute)] = MinuteAgg()
-        total.add(change)
+        for counted in _scopes(scope):
+            total = self.totals.get((counted, minute))
+            if total is None:
+                total = self.totals[(counted, minute)] = MinuteAgg()
+            total.add(change)
         if self.windows_end is not None:
             for window, size in WINDOWS.items():
                 if self.windows_end - int(size // MINUTE) <= minute < self.windows_end:
-                    self.windows[(scope, window)].add(change)
-                    _move(self.resolutions[(scope, window)], change.resolution)
+                    for counted in _scopes(scope):
+                        self.windows[(counted, window)].add(change)
+                        _move(self.resolutions[(counted, window)], change.resolution)
         if encoded is None:
             encoded = orjson.dumps(agg.to_json())
         # Copied to its own size: orjson's result keeps its 4 KiB buffer.

@@ -1293,7 +1293,8 @@ async def test_metrics_partition_counts_each_event_once_and_merger_sums(harness:
         await feed(agent, "cx.internal.metrics", b"web:m-1", first, 2, 1)  # a re-send
         await feed(agent, "cx.internal.metrics", b"web:m-2", second, 2, 2)
     minute = int(NOW.timestamp() // 60)
-    bucket = state.parts[2].minutes[("all", minute)]
+    assert list(state.parts[2].minutes) == [("web", minute)]  # "all" is the merger's sum
+    bucket = state.parts[2].minutes[("web", minute)]
     assert (bucket.events, len(bucket.customers)) == (2, 2)
     table = harness.worker.app.tables["metrics"]
     # One record per event: a minute's record written whole per event was quadratic.
@@ -1302,17 +1303,18 @@ async def test_metrics_partition_counts_each_event_once_and_merger_sums(harness:
     assert state.versions[2] == 2  # the aggregates count every event up to offset 2
 
     partial = {
-        "p": 2, "scope": "all", "minute": minute, "agg": bucket.to_json(),
+        "p": 2, "scope": "web", "minute": minute, "agg": bucket.to_json(),
         "wm": int(NOW.timestamp() * 1000),
     }  # fmt: skip
     async with harness.worker.agents["merger"].test_context() as agent:
         for offset in range(2):  # the same partial twice replaces, never adds
-            key = f"2|all|{minute}".encode()
+            key = f"2|web|{minute}".encode()
             await feed(agent, "cx.internal.partials", key, orjson.dumps(partial), 0, offset)
     assert state.merger is not None
     snapshots = {s.key: s for s in state.merger.snapshots(30, NOW)}
-    assert snapshots["all/1h"].events == 2
-    assert snapshots["web/1h"].events == 0  # only the "all" scope was sent here
+    assert snapshots["web/1h"].events == 2
+    assert snapshots["all/1h"].events == 2  # summed from the channels
+    assert snapshots["chat/1h"].events == 0
 
 
 async def test_metrics_partition_restores_events_and_0_1_0_minute_records(
@@ -1329,7 +1331,7 @@ async def test_metrics_partition_restores_events_and_0_1_0_minute_records(
         await feed(agent, "cx.internal.metrics", b"web:m-2", new, 2, 0)
         harness.worker.metrics_state.parts.clear()  # as after a rebalance: rebuilt from the table
         await feed(agent, "cx.internal.metrics", b"web:m-1", orjson.dumps(old), 2, 1)  # again
-    bucket = harness.worker.metrics_state.parts[2].minutes[("all", minute)]
+    bucket = harness.worker.metrics_state.parts[2].minutes[("web", minute)]
     assert (bucket.events, len(bucket.customers)) == (2, 2)
 
 
@@ -1358,11 +1360,11 @@ async def test_merger_ignores_a_partial_older_than_the_one_it_holds(harness: Har
     for event in (one, touchpoint("web:m-2", NOW, 1, "C-2")):
         newer.add(MinuteAgg.of(event, Derived()))
     older.add(MinuteAgg.of(one, Derived()))
-    key = f"2|all|{minute}"
+    key = f"2|web|{minute}"
 
     def partial(agg: MinuteAgg, version: int) -> bytes:
         return orjson.dumps({
-            "p": 2, "scope": "all", "minute": minute, "agg": agg.to_json(),
+            "p": 2, "scope": "web", "minute": minute, "agg": agg.to_json(),
             "wm": int(NOW.timestamp() * 1000), "v": version,
         })  # fmt: skip
 
@@ -1389,10 +1391,11 @@ async def test_merger_takes_a_message_of_many_minutes_each_on_its_own(harness: H
     def bucket(scope: str, at: int, agg: MinuteAgg) -> dict[str, Any]:
         return {"scope": scope, "minute": at, "agg": orjson.loads(orjson.dumps(agg.to_json()))}
 
+    support = MinuteAgg.of(touchpoint("support:b-3", NOW, 2, "C-3"), Derived())
     held = {"p": 2, "wm": wm, "v": 9, **bucket("web", minute, both)}
     batch = {
         "p": 2, "wm": wm, "v": 7,
-        "buckets": [bucket("all", minute, both), bucket("all", minute - 1, MinuteAgg()),
+        "buckets": [bucket("support", minute, support), bucket("chat", minute - 1, MinuteAgg()),
                     bucket("web", minute, MinuteAgg.of(one, Derived()))],
     }  # fmt: skip
     async with harness.worker.agents["merger"].test_context() as agent:
@@ -1400,10 +1403,39 @@ async def test_merger_takes_a_message_of_many_minutes_each_on_its_own(harness: H
                    orjson.dumps(held), 0, 0)  # fmt: skip
         await feed(agent, "cx.internal.partials", b"2", orjson.dumps(batch), 0, 1)
     table = StrKeys(harness.worker.app.tables["partials"])
-    assert sorted(table) == [f"2|all|{minute - 1}", f"2|all|{minute}", f"2|web|{minute}"]
-    assert table[f"2|all|{minute}"] == {"p": 2, "wm": wm, "v": 7, **bucket("all", minute, both)}
+    assert sorted(table) == [f"2|chat|{minute - 1}", f"2|support|{minute}", f"2|web|{minute}"]
+    assert table[f"2|support|{minute}"] == {
+        "p": 2, "wm": wm, "v": 7, **bucket("support", minute, support)
+    }  # fmt: skip
     assert table[f"2|web|{minute}"]["v"] == 9  # the older web minute of the batch was ignored
     assert harness.count("cxpulse_metrics_stale_partials_total") == 1
+    merger = harness.worker.metrics_state.merger
+    assert merger is not None
+    events = {s.key: s.events for s in merger.snapshots(30, NOW)}
+    assert (events["all/1h"], events["web/1h"], events["support/1h"]) == (3, 2, 1)
+
+
+async def test_merger_sums_all_itself_and_drops_the_all_partials_of_earlier_versions(
+    harness: Harness,
+) -> None:
+    """An earlier version's partitions also sent "all": the merger sums it from the channels
+    now, so one of those (sent, or kept in its table) would count twice: it is left out."""
+    minute = int(NOW.timestamp() // 60)
+    web = MinuteAgg.of(touchpoint("web:o-1", NOW, 0, "C-1"), Derived())
+    wm = int(NOW.timestamp() * 1000)
+
+    def partial(scope: str, at: int) -> dict[str, Any]:
+        return {"p": 2, "scope": scope, "minute": at, "agg": web.to_json(), "wm": wm, "v": 3}
+
+    table = harness.worker.app.tables["partials"]
+    table.data[f"2|all|{minute - 1}"] = partial("all", minute - 1)  # as recovered
+    table.data[f"2|web|{minute - 1}"] = partial("web", minute - 1)
+    async with harness.worker.agents["merger"].test_context() as agent:
+        for offset, scope in enumerate(("all", "web")):
+            value = orjson.dumps(partial(scope, minute))
+            await feed(agent, "cx.internal.partials", b"2", value, 0, offset)
+    assert sorted(StrKeys(table)) == [f"2|web|{minute - 1}", f"2|web|{minute}"]
+    assert harness.count("cxpulse_metrics_stale_partials_total") == 0
     merger = harness.worker.metrics_state.merger
     assert merger is not None
     events = {s.key: s.events for s in merger.snapshots(30, NOW)}

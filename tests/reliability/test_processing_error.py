@@ -145,11 +145,11 @@ async def test_metrics_fault_stops_the_worker_unacked(harness: Harness) -> None:
 async def test_merger_fault_stops_the_worker_unacked(harness: Harness) -> None:
     minute = int(NOW.timestamp() // 60)
     agg = MinuteAgg().to_json()
-    partial = {"p": 0, "scope": "all", "minute": minute, "agg": agg, "wm": minute * 60_000}
+    partial = {"p": 0, "scope": "web", "minute": minute, "agg": agg, "wm": minute * 60_000}
     with pytest.MonkeyPatch.context() as mp:
         patch(mp, "merger", "")
         async with harness.worker.agents["merger"].test_context() as agent:
-            key = f"0|all|{minute}".encode()
+            key = f"0|web|{minute}".encode()
             value = orjson.dumps(partial)
             message = build_message(agent, "cx.internal.partials", key, value, 0, 0)
             await put_until_fatal(harness, agent, message)

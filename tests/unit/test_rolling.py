@@ -169,7 +169,7 @@ def test_a_late_thread_event_changes_earlier_contributions() -> None:
     solved = _event("support:s", "ticket_solved", NOW - timedelta(hours=1))
     aggregator = PartitionAggregator()
     aggregator.apply(solved)
-    solve_bucket = ("all", minute_of(solved.occurred_at))
+    solve_bucket = ("support", minute_of(solved.occurred_at))
     assert not aggregator.minutes[solve_bucket].resolution
     changed = aggregator.apply(created)
     assert solve_bucket in changed
@@ -192,7 +192,8 @@ def test_each_event_id_counts_once() -> None:
     aggregator = PartitionAggregator()
     assert aggregator.apply(event)
     assert aggregator.apply(event) == set()
-    assert aggregator.minutes[("all", minute_of(NOW))].events == 1
+    assert aggregator.minutes[("support", minute_of(NOW))].events == 1
+    assert list(aggregator.minutes) == [("support", minute_of(NOW))]  # "all": the merger's sum
 
 
 def _event(event_id: str, kind: str, at: datetime) -> Touchpoint:
@@ -227,7 +228,8 @@ def test_merger_forgets_old_minutes_and_keeps_windows_exact() -> None:
     merger.snapshots(5, EMITTED)
     assert merger.forget_before(minute_of(old)) == []
     gone = merger.forget_before(minute_of(recent))
-    assert sorted(gone) == [(0, "all", minute_of(old)), (0, "support", minute_of(old))]
+    assert gone == [(0, "support", minute_of(old))]
+    assert {scope for scope, _ in merger.totals} == {"all", "support"}
     assert merger.oldest == minute_of(recent)
     assert merger.snapshots(5, EMITTED) == fresh.snapshots(5, EMITTED)
 
@@ -274,10 +276,30 @@ def test_a_replaced_partial_is_taken_away_whole() -> None:
     first.add(MinuteAgg.of(_event("support:a", "ticket_created", NOW), Derived()))
     second.add(MinuteAgg.of(_event("support:b", "ticket_solved", NOW), Derived()))
     minute = minute_of(NOW)
-    assert merger.receive(0, "all", minute, first, NOW, version=1)
-    assert merger.receive(0, "all", minute, second, NOW, version=2)
-    assert not merger.receive(0, "all", minute, first, NOW, version=1)  # older: ignored
+    assert merger.receive(0, "support", minute, first, NOW, version=1)
+    assert merger.receive(0, "support", minute, second, NOW, version=2)
+    assert not merger.receive(0, "support", minute, first, NOW, version=1)  # older: ignored
+    assert merger.totals[("support", minute)] == second
     assert merger.totals[("all", minute)] == second
+
+
+def test_all_is_the_sum_of_the_channels() -> None:
+    """The merger sums "all" from the channels' partials: the same customer on two channels
+    counts once, and a partial of "all" itself is refused (it would count twice)."""
+    merger = Merger()
+    minute = minute_of(NOW)
+    web = _event("web:a", "page_view", NOW).model_copy(update={"channel": "web", "thread_id": None})
+    for partition, channel, event in ((0, "support", _event("support:a", "ticket_created", NOW)),
+                                      (1, "web", web)):  # fmt: skip
+        agg = MinuteAgg()
+        agg.add(MinuteAgg.of(event, Derived()))
+        merger.receive(partition, channel, minute, agg, NOW)
+    total = merger.totals[("all", minute)]
+    assert total.events == 2
+    assert total.customers == {"C-1": 2}  # one customer (a snapshot counts len(customers))
+    assert total.kinds == {"ticket_created": 1, "page_view": 1}
+    with pytest.raises(ValueError, match="per channel"):
+        merger.receive(2, "all", minute, MinuteAgg(), NOW)
 
 
 def test_a_thread_keeps_what_its_joins_read_and_not_the_text() -> None:
