@@ -3,6 +3,7 @@ the reference implementation's snapshots, whatever the partitioning and arrival 
 
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
 from collections import Counter
@@ -20,6 +21,7 @@ from service.metrics import Derived, reference_snapshots
 from service.normalize import normalize
 from service.parse import Limits, Rejected, parse
 from service.rolling import (
+    SLIDE_MINUTES,
     Merger,
     MinuteAgg,
     PartitionAggregator,
@@ -27,6 +29,7 @@ from service.rolling import (
     _move,
     minute_of,
     partition_key,
+    window_totals,
 )
 from service.simulate import generate
 
@@ -80,6 +83,7 @@ def stream(
         if rng.random() < 0.5:  # as an emit tick would: windows kept up to date from here
             merger.snapshots(5, EMITTED)
             assert_resolutions_in_order(merger)
+            assert_windows_as_rebuilt(merger)
 
     for event in events:
         for _ in range(2 if rng.random() < resend_share else 1):
@@ -114,6 +118,86 @@ def assert_resolutions_in_order(merger: Merger) -> None:
     assert merger.resolutions.keys() == merger.windows.keys()
     for key, total in merger.windows.items():
         assert list(merger.resolutions[key]) == sorted(total.resolution.elements()), key
+
+
+def assert_windows_as_rebuilt(merger: Merger) -> None:
+    """Windows kept up to date (slid, partials added) equal windows summed from scratch, to
+    the decimal places of their revenue."""
+    assert merger.windows_end is not None
+    rebuilt = window_totals(merger.totals, merger.windows_end)
+    assert merger.windows == rebuilt
+    for key, total in rebuilt.items():
+        assert str(merger.windows[key].revenue) == str(total.revenue), key
+
+
+def test_windows_slide_minute_by_minute_as_they_would_be_rebuilt() -> None:
+    """Events in time order move the window end a few minutes at a time: each window is slid
+    (minutes in, minutes out) and equals one summed from scratch, and the last snapshots
+    equal the reference's."""
+    events = sorted(workload(2, 600), key=lambda e: e.occurred_at)
+    aggregator, merger = PartitionAggregator(), Merger()
+    ends: list[int] = []
+    for start in range(0, len(events), 10):
+        changed: set[tuple[str, int]] = set()
+        for event in events[start : start + 10]:
+            changed |= aggregator.apply(event)
+        assert aggregator.watermark is not None
+        for scope, minute in sorted(changed):
+            merger.receive(0, scope, minute, aggregator.minutes[(scope, minute)],
+                           aggregator.watermark, start)  # fmt: skip
+        merger.snapshots(5, EMITTED)
+        assert merger.windows_end is not None
+        ends.append(merger.windows_end)
+        assert_windows_as_rebuilt(merger)
+        assert_resolutions_in_order(merger)
+    slides = [b - a for a, b in itertools.pairwise(ends) if 0 < b - a <= SLIDE_MINUTES]
+    assert len(slides) > 30  # the windows were slid, not rebuilt, most of the way
+    assert merger.snapshots(5, EMITTED) == reference_snapshots(events, 5, EMITTED)
+
+
+def test_a_window_an_amount_left_has_the_decimal_places_of_what_it_holds() -> None:
+    """A sum keeps the finest decimal places of every amount it took: once an amount leaves
+    a window, its revenue has those of the amounts still in it (as the reference's)."""
+    first, second = NOW - timedelta(minutes=90), NOW - timedelta(minutes=20)
+    merger = Merger()
+    for event_id, at, amount in (("store:a", first, "1.005"), ("store:b", second, "2.50")):
+        sale = _event(event_id, "purchase", at).model_copy(
+            update={"channel": "store", "thread_id": None, "amount": amount}
+        )
+        merger.receive(0, "store", minute_of(at), MinuteAgg.of(sale, Derived()), at)
+        merger.snapshots(5, EMITTED)
+    assert str(merger.windows[("store", "24h")].revenue) == "3.505"
+    assert str(merger.windows[("store", "1h")].revenue) == "2.50"  # slid past 1.005
+    merger.receive(1, "store", minute_of(NOW), MinuteAgg(), NOW + timedelta(minutes=45))
+    merger.snapshots(5, EMITTED)  # slid: 2.50 is now out of the hour too
+    assert str(merger.windows[("store", "1h")].revenue) == "0"
+    assert_windows_as_rebuilt(merger)
+
+
+def test_a_minute_forgotten_before_the_windows_slide_is_still_taken_out_of_them() -> None:
+    """The merger forgets minutes as soon as the watermark leaves them behind, but its windows
+    move on only at the next snapshot: the total of a minute they still count is kept until
+    they have slid past it."""
+    old = NOW - timedelta(days=30) + timedelta(minutes=10)
+    merger = Merger()
+    merger.receive(0, "support", minute_of(old), _agg_of("support:o", old), NOW)
+    merger.snapshots(5, EMITTED)
+    assert merger.windows[("support", "30d")].events == 1
+    later = NOW + timedelta(minutes=20)
+    merger.receive(0, "support", minute_of(later), _agg_of("support:l", later), later)
+    end = merger.window_end
+    assert end is not None
+    assert merger.forget_before(minute_of(end - timedelta(days=30))) == [
+        (0, "support", minute_of(old))
+    ]
+    merger.snapshots(5, EMITTED)  # slid by 20 minutes: the old minute left the month
+    assert merger.windows[("support", "30d")].events == 1
+    assert_windows_as_rebuilt(merger)
+    assert sorted(merger.totals) == [("all", minute_of(later)), ("support", minute_of(later))]
+
+
+def _agg_of(event_id: str, at: datetime) -> MinuteAgg:
+    return MinuteAgg.of(_event(event_id, "ticket_created", at), Derived())
 
 
 def _sum(contributions: list[MinuteAgg]) -> MinuteAgg:
