@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import faust
 import orjson
 import pytest
 from faust.types.tuples import Message
@@ -423,6 +424,23 @@ def normalized(
 
 
 # --- ingest ------------------------------------------------------------------------------
+
+
+async def test_every_stage_reads_keys_and_values_as_the_bytes_sent(harness: Harness) -> None:
+    """The stages' topics decode a record without Faust's codec registry, to the event
+    Faust's own raw decoding gives: the message's own key and value (None as None)."""
+    app = harness.worker.app
+    faust_decode = faust.Schema(key_serializer="raw", value_serializer="raw").compile(app)
+    for stage, topic in (("ingest", "cx.raw.web"), ("customers", "cx.internal.customers")):
+        agent = harness.worker.agents[stage]
+        for key, value in ((b"k-1", b'{"a": 1}'), (None, None)):
+            message = build_message(agent, topic, key, value, 0, 7)
+            message.headers = [("h", b"1")]
+            event, expected = await agent.channel.decode(message), await faust_decode(message)
+            assert (event.key, event.value, event.message) == (key, value, message)
+            assert (event.key, event.value, event.headers) == (
+                expected.key, expected.value, expected.headers
+            )  # fmt: skip
 
 
 @pytest.mark.parametrize("channel", ["web", "chat", "support", "store"])
