@@ -18,7 +18,7 @@ the records came.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka.structs import RecordMetadata, TopicPartition
@@ -66,6 +66,10 @@ class Outbox:
         elif self._timer is None and not self._taking:
             self._timer = loop.call_later(LINGER, self._start)
         return future
+
+    def full(self) -> bool:
+        """Whether a stage must wait (`room`) before it adds a record."""
+        return len(self.records) >= MAX_PENDING
 
     async def room(self) -> None:
         """Wait while the outbox holds `MAX_PENDING` records or more."""
@@ -161,21 +165,6 @@ def _settle(
                 )  # fmt: skip
 
     return settle
-
-
-def sender(outbox: Outbox) -> Callable[..., Awaitable[asyncio.Future[Any]]]:
-    """An outbox -> `send(topic, partition, key, value, headers)`: queue one record (waiting
-    for room) -> its delivery future."""
-
-    async def send(
-        topic: str, partition: int | None, key: bytes | None, value: bytes | None,
-        headers: Headers = None,
-    ) -> asyncio.Future[Any]:  # fmt: skip
-        if len(outbox.records) >= MAX_PENDING:
-            await outbox.room()
-        return outbox.add(topic, partition, key, value, headers)
-
-    return send
 
 
 def install(faust_producer: Any, outbox: Outbox) -> None:

@@ -43,7 +43,6 @@ from service.normalize import normalize
 from service.observability import Metrics
 from service.outbox import Headers, Outbox
 from service.outbox import install as install_outbox
-from service.outbox import sender as outbox_sender
 from service.parse import Limits, Rejected, parse
 from service.profile import profile
 from service.settings import SecurityProtocol, Settings
@@ -230,22 +229,25 @@ def producer_send(outbox: Outbox) -> Send:
     producer's `send` about 15 µs, a record in the outbox a few. The commit flushes the
     producer, which drains the outbox first, so every record sent for an event is delivered
     before its offset is committed."""
-    queue = outbox_sender(outbox)
 
     async def send(
         topic: faust.TopicT, key: bytes | None, value: bytes | None, headers: Headers
     ) -> Any:
-        return await queue(topic.get_topic_name(), None, key, value, headers)
+        # Inline, not through another coroutine: a stage sends about twelve records an event.
+        if outbox.full():
+            await outbox.room()
+        return outbox.add(topic.get_topic_name(), None, key, value, headers)
 
     return send
 
 
 def producer_changelog_send(outbox: Outbox) -> ChangelogSend:
     """An outbox -> a ChangelogSend into it (see `BufferedTable`)."""
-    queue = outbox_sender(outbox)
 
     async def send(topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
-        return await queue(topic, partition, key, value, None)
+        if outbox.full():
+            await outbox.room()
+        return outbox.add(topic, partition, key, value, None)
 
     return send
 

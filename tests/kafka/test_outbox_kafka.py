@@ -17,6 +17,7 @@ from service import outbox
 from service.broker import EmbeddedBroker
 from service.kafka import CachedPartitioner
 from service.outbox import Outbox
+from service.worker import producer_changelog_send
 from tests.kafka.harness import read_topic
 
 pytestmark = pytest.mark.kafka
@@ -114,3 +115,22 @@ async def test_a_stopped_producer_fails_the_records(broker: EmbeddedBroker) -> N
     for future in futures:
         assert future.done()
         assert future.exception() is not None
+
+
+async def test_a_stage_waits_for_room_while_the_outbox_is_full(broker: EmbeddedBroker) -> None:
+    """Back-pressure: a stage's send into a full outbox waits until its records are handed to
+    the producer, then queues its own after them."""
+    topic = await _topic(broker.bootstrap, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        box = Outbox(lambda: producer)
+        futures = [box.add(topic, 0, b"k", f"{n}".encode()) for n in range(outbox.MAX_PENDING)]
+        assert box.full()  # nothing handed over yet: the loop has not run
+        send = producer_changelog_send(box)
+        last = await send(topic, 0, b"k", b"after the wait")
+        assert not box.full()
+        metadata = await asyncio.wait_for(asyncio.gather(*futures, last), timeout=30)
+        assert [m.offset for m in metadata] == list(range(outbox.MAX_PENDING + 1))
+    finally:
+        await producer.stop()
