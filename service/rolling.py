@@ -321,7 +321,7 @@ def _scopes(scope: Scope) -> tuple[Scope, Scope]:
 
 @dataclass
 class PartitionAggregator:
-    """One partition's share: minute aggregates per scope, and the threads it joins."""
+    """One partition's share: minute aggregates per channel, and the threads it joins."""
 
     minutes: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
     threads: dict[str, list[ThreadEvent]] = field(default_factory=dict)
