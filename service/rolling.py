@@ -59,6 +59,10 @@ _COUNTERS = (
     "closed_accounts", "detractors",
 )  # fmt: skip
 MINUTE = timedelta(minutes=1)
+# Each window's length, and the longest, in minutes: a window ending at minute E holds the
+# minutes E - span <= m < E.
+SPANS: dict[WindowName, int] = {window: int(size // MINUTE) for window, size in WINDOWS.items()}
+LONGEST_SPAN = int(LONGEST // MINUTE)
 
 
 def minute_of(moment: datetime) -> int:
@@ -482,8 +486,8 @@ class Merger:
                 total = self.totals[(counted, minute)] = MinuteAgg()
             total.add(change)
         if self.windows_end is not None:
-            for window, size in WINDOWS.items():
-                if self.windows_end - int(size // MINUTE) <= minute < self.windows_end:
+            for window, span in SPANS.items():
+                if self.windows_end - span <= minute < self.windows_end:
                     for counted in _scopes(scope):
                         self.windows[(counted, window)].add(change)
                         _move(self.resolutions[(counted, window)], change.resolution)
@@ -522,8 +526,7 @@ class Merger:
         A sum keeps the finest decimal places of every amount it took, so when an amount leaves
         a window its revenue is summed again from the minutes it holds: as a rebuilt window's,
         and the reference's, it then has those of the amounts it holds."""
-        for window, size in WINDOWS.items():
-            span = int(size // MINUTE)
+        for window, span in SPANS.items():
             leaving = range(start - span, min(end - span, start))
             entering = range(max(start, end - span), end)
             for scope in SCOPES:
@@ -545,8 +548,7 @@ class Merger:
                     total.revenue = _revenue(self.totals, scope, range(end - span, end))
         # A minute out of the longest window whose partials are forgotten: its totals were
         # kept for this slide only (see `forget_before`).
-        longest = int(LONGEST // MINUTE)
-        for minute in range(start - longest, min(end - longest, start)):
+        for minute in range(start - LONGEST_SPAN, min(end - LONGEST_SPAN, start)):
             if self.oldest is None or minute < self.oldest:
                 for scope in SCOPES:
                     self.totals.pop((scope, minute), None)
@@ -582,7 +584,7 @@ class Merger:
         # A minute the held windows still count keeps its total until they slide past it
         # (`_slide` takes it away): the windows move on only at the next snapshot.
         if self.windows_end is not None:
-            minute = min(minute, self.windows_end - int(LONGEST // MINUTE))
+            minute = min(minute, self.windows_end - LONGEST_SPAN)
         for total_key in [key for key in self.totals if key[1] < minute]:
             del self.totals[total_key]
         self.oldest = min((key[2] for key in self.partials), default=None)
@@ -600,8 +602,8 @@ def window_totals(
     """Minute totals -> each scope's and window's sum, for windows ending at `end_minute`."""
     windows = {(scope, window): MinuteAgg() for scope in SCOPES for window in WINDOWS}
     for (scope, minute), agg in totals.items():
-        for window, size in WINDOWS.items():
-            if end_minute - int(size // MINUTE) <= minute < end_minute:
+        for window, span in SPANS.items():
+            if end_minute - span <= minute < end_minute:
                 windows[(scope, window)].add(agg)
     return windows
 
