@@ -67,13 +67,26 @@ class Outbox:
             self._timer = loop.call_later(LINGER, self._start)
         return future
 
+    async def put(
+        self,
+        topic: str,
+        partition: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers = None,
+    ) -> asyncio.Future[Any]:
+        """`add`, for a stage: first wait while the outbox is full (back-pressure)."""
+        if self.full():
+            await self.room()
+        return self.add(topic, partition, key, value, headers)
+
     def full(self) -> bool:
         """Whether a stage must wait (`room`) before it adds a record."""
         return len(self.records) >= MAX_PENDING
 
     async def room(self) -> None:
         """Wait while the outbox holds `MAX_PENDING` records or more."""
-        while len(self.records) >= MAX_PENDING:
+        while self.full():
             await self.drain()
 
     async def drain(self) -> None:

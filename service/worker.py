@@ -233,10 +233,7 @@ def producer_send(outbox: Outbox) -> Send:
     async def send(
         topic: faust.TopicT, key: bytes | None, value: bytes | None, headers: Headers
     ) -> Any:
-        # Inline, not through another coroutine: a stage sends about twelve records an event.
-        if outbox.full():
-            await outbox.room()
-        return outbox.add(topic.get_topic_name(), None, key, value, headers)
+        return await outbox.put(topic.get_topic_name(), None, key, value, headers)
 
     return send
 
@@ -245,9 +242,7 @@ def producer_changelog_send(outbox: Outbox) -> ChangelogSend:
     """An outbox -> a ChangelogSend into it (see `BufferedTable`)."""
 
     async def send(topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
-        if outbox.full():
-            await outbox.room()
-        return outbox.add(topic, partition, key, value, None)
+        return await outbox.put(topic, partition, key, value)
 
     return send
 
