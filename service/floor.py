@@ -3,11 +3,11 @@
 
 Each hop is a Faust agent with the worker's own transport (`service.worker.transport`: the
 same app settings, hand-off, acknowledgement, pause, yield and fetch-wait patches, and
-outbox). Hop 0 reads the raw topics, each
-hop forwards the value unchanged (key kept) to the next hop's topic, and the last counts. A
-worker's event crosses five stages (ingest, accept, identity, customers, metrics), each a
-consume and at least one produce, so five hops bound from above what the service could reach
-with a free core: `cxpulse bench` reports it beside `core_only`, the core with no transport.
+outbox). Hop 0 reads the raw topics, each hop forwards the value unchanged (key kept) to the
+next hop's topic, and the last counts. A worker's event crosses five stages (ingest, accept,
+identity, customers, metrics), each a consume and at least one produce, so five hops bound
+from above what the service could reach with a free core: `cxpulse bench` reports it beside
+`core_only`, the core with no transport.
 
 Run by the bench in a child process (`python -m service.floor COUNT HOPS`, with a bench
 worker's CX_ settings and a data directory in CX_DATA_DIR that the bench removes): it prints
