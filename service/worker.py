@@ -239,10 +239,12 @@ def producer_send(outbox: Outbox) -> Send:
 
 
 def producer_changelog_send(outbox: Outbox) -> ChangelogSend:
-    """An outbox -> a ChangelogSend into it (see `BufferedTable`)."""
+    """An outbox -> a ChangelogSend into it (see `BufferedTable`), sent only once the records
+    before it are delivered: a change is never on its changelog while its outputs may be
+    lost (`service.outbox`)."""
 
     async def send(topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
-        return await outbox.put(topic, partition, key, value)
+        return await outbox.put(topic, partition, key, value, after_delivery=True)
 
     return send
 

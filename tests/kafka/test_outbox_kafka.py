@@ -1,12 +1,15 @@
 """Kafka tier: `service.outbox` hands records to a real producer a batch per partition, in
 order, with each record's offset, partition and headers as a plain `send` would give them;
 the producer's flush drains it first; a stopped producer fails the records, never drops them
-silently."""
+silently. Changelog records reach the producer only after the records before them are
+delivered, fail when one of those failed, and count towards a full outbox while they wait."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from service import outbox
 from service.broker import EmbeddedBroker
+from service.fence import Fenced, SessionFence, gate_producer
 from service.kafka import CachedPartitioner
 from service.outbox import Outbox
 from service.worker import producer_changelog_send
@@ -134,3 +138,121 @@ async def test_a_stage_waits_for_room_while_the_outbox_is_full(broker: EmbeddedB
         assert [m.offset for m in metadata] == list(range(outbox.MAX_PENDING + 1))
     finally:
         await producer.stop()
+
+
+async def test_a_changelog_record_waits_for_the_delivery_of_the_records_before_it(
+    broker: EmbeddedBroker,
+) -> None:
+    """`after_delivery`: each such record reaches the producer only once every record added
+    before it is delivered, across partitions and hand-overs; in order."""
+    topic = await _topic(broker.bootstrap, 4)
+    changelog = await _topic(broker.bootstrap, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
+    await producer.start()
+    outputs: list[asyncio.Future[Any]] = []
+    before: list[int] = []  # for each changelog record, how many outputs were added before it
+    too_early: list[int] = []  # changelog records handed over before those were delivered
+    handed = 0
+    send_batch = producer.send_batch
+
+    async def watched(batch: Any, to: str, *, partition: int) -> Any:
+        nonlocal handed
+        if to == changelog:
+            first_pending = next((n for n, f in enumerate(outputs) if not f.done()), None)
+            for index in range(handed, handed + batch.record_count()):
+                if first_pending is not None and before[index] > first_pending:
+                    too_early.append(index)
+            handed += batch.record_count()
+        return await send_batch(batch, to, partition=partition)
+
+    producer.send_batch = watched  # type: ignore[method-assign]
+    try:
+        box = Outbox(lambda: producer)
+        send = producer_changelog_send(box)
+        changes = []
+        for n in range(outbox.FULL * 4):  # several hand-overs, some full
+            outputs.append(box.add(topic, n % 4, b"k", f"{n}:".encode() + b"x" * (n % 300)))
+            if n % 3 == 0:
+                before.append(len(outputs))
+                changes.append(await send(changelog, 0, b"k", f"{n}".encode()))
+            if n % 300 == 0:
+                await asyncio.sleep(0.003)  # a hand-over happens in between
+        await asyncio.wait_for(box.drain(), timeout=30)
+        metadata = await asyncio.wait_for(asyncio.gather(*changes), timeout=30)
+    finally:
+        await producer.stop()
+    assert handed == len(changes)
+    assert too_early == []
+    assert [m.offset for m in metadata] == list(range(len(changes)))  # in the order added
+
+
+@asynccontextmanager
+async def _stale_producer(
+    bootstrap: str, *, rebalancing: bool
+) -> AsyncIterator[tuple[AIOKafkaProducer, SessionFence]]:
+    """A producer behind the worker's gate, whose session is stale: it holds what it is given
+    (dropped with `Fenced` when `rebalancing`) until the fence is confirmed again."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    await producer.start()
+    now = [0.0]
+    fence = SessionFence(session_timeout=10, clock=lambda: now[0])
+    fence.confirm()
+    gate_producer(producer, fence, rebalancing=lambda: rebalancing)
+    now[0] = 11  # no heartbeat answered for a session timeout
+    assert fence.stale()
+    try:
+        yield producer, fence
+    finally:
+        fence.confirm()  # a held producer would not stop
+        await producer.stop()
+
+
+async def test_a_changelog_record_after_a_dropped_output_is_dropped_too(
+    broker: EmbeddedBroker,
+) -> None:
+    """An output dropped unsent (`Fenced`, by the producer's gate while the session is stale
+    and the group rebalances) fails the changelog records added after it with the same error:
+    never sent, though the session is confirmed again just after."""
+    topic = await _topic(broker.bootstrap, 1)
+    changelog = await _topic(broker.bootstrap, 1)
+    async with _stale_producer(broker.bootstrap, rebalancing=True) as (producer, fence):
+        box = Outbox(lambda: producer)
+        output = box.add(topic, 0, b"k", b"output")
+        change = await producer_changelog_send(box)(changelog, 0, b"k", b"change")
+        await asyncio.wait((output,), timeout=10)
+        fence.confirm()  # current again: whatever reaches the producer now is sent
+        await asyncio.wait_for(box.drain(), timeout=10)
+        assert isinstance(output.exception(), Fenced)
+        assert isinstance(change.exception(), Fenced)
+        after = await producer_changelog_send(box)(changelog, 0, b"k", b"a later change")
+        assert (await asyncio.wait_for(after, timeout=10)).offset == 0  # nothing before it
+
+
+async def test_records_waiting_for_delivery_count_towards_a_full_outbox(
+    broker: EmbeddedBroker,
+) -> None:
+    """Back-pressure holds while the producer sends nothing (its session stale): changelog
+    records waiting for an undelivered output fill the outbox, and a stage's next send waits
+    until the output is delivered and they are handed over."""
+    topic = await _topic(broker.bootstrap, 1)
+    changelog = await _topic(broker.bootstrap, 1)
+    async with _stale_producer(broker.bootstrap, rebalancing=False) as (producer, fence):
+        box = Outbox(lambda: producer)
+        output = box.add(topic, 0, b"k", b"output")
+        send = producer_changelog_send(box)
+        changes = [await send(changelog, 0, b"k", f"{n}".encode()) for n in range(outbox.FULL)]
+        changes += [
+            box.add(changelog, 0, b"k", f"{n}".encode(), after_delivery=True)
+            for n in range(outbox.FULL, outbox.MAX_PENDING)
+        ]
+        await asyncio.sleep(0.05)  # handed over: the output to the producer, which holds it
+        assert not box.records
+        assert not box.later
+        assert box.full()  # the changelog records wait for the output
+        waiting = asyncio.ensure_future(send(changelog, 0, b"k", b"after the wait"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        fence.confirm()
+        last = await asyncio.wait_for(waiting, timeout=30)
+        metadata = await asyncio.wait_for(asyncio.gather(output, *changes, last), timeout=30)
+        assert [m.offset for m in metadata[1:]] == list(range(outbox.MAX_PENDING + 1))
