@@ -77,6 +77,14 @@ def floor_report(events: int, seconds: float, cpu_seconds: float, hops: int) -> 
     }
 
 
+def _sent(_first: Any, _n: int, exc: BaseException | None) -> None:
+    """How a forwarded record ended (the worker's stages look at each the same way): a lost
+    one would leave the floor waiting for its last message, so it ends the run."""
+    if exc is not None:
+        sys.stderr.write(f"floor: a forwarded record was lost: {exc!r}\n")
+        os._exit(70)
+
+
 def build_floor(settings: Settings, expected: int, hops: int) -> faust.App:
     """Settings of the bench's run -> a Faust app of `hops` forwarding agents on the worker's
     transport; the last prints the report and ends the process once `expected` messages
@@ -99,7 +107,7 @@ def build_floor(settings: Settings, expected: int, hops: int) -> faust.App:
                 if hop == 0:
                     tally.first()
                 if not last:
-                    await send(sources[hop + 1], message.key, message.value, None)
+                    await send(sources[hop + 1], message.key, message.value, None, _sent)
                 elif tally.counted():
                     sys.stdout.write(orjson.dumps(tally.report).decode() + "\n")
                     sys.stdout.flush()

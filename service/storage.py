@@ -16,12 +16,14 @@ from typing import Any, cast
 import faust
 import rocksdict
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import RecordMetadata
 from faust.stores import rocksdb as faust_rocksdb
 from faust.stores.base import SerializedStore
 from faust.tables.recovery import Recovery
 from faust.types import TP
 
 from service.fence import Fenced, refuse_if_stale
+from service.outbox import Done
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,8 @@ def text_key(key: Any) -> str:
     return key.decode() if isinstance(key, bytes) else str(key)
 
 
-# (changelog topic, partition, key, value or None to delete) -> the record's delivery future
-ChangelogSend = Callable[[str, int, bytes, bytes | None], Awaitable["asyncio.Future[Any]"]]
+# (changelog topic, partition, key, value or None to delete, told how the record ended)
+ChangelogSend = Callable[[str, int, bytes, bytes | None, Done], Awaitable[None]]
 
 
 class BufferedTable(faust.Table[Any, Any]):
@@ -228,22 +230,27 @@ async def flush_changelogs(
         pending, table.pending = table.pending, {}
         topic = table.changelog_topic.get_topic_name()
         for (partition, key), value in pending.items():
-            future = await send(topic, partition, key, value)
-            future.add_done_callback(partial(_on_delivered, table, on_failed, partition))
+            done = partial(_on_delivered, table, on_failed, partition)
+            await send(topic, partition, key, value, done)
 
 
 def _on_delivered(
-    table: BufferedTable, on_failed: Callable[[BaseException], None], partition: int, future: Any
+    table: BufferedTable,
+    on_failed: Callable[[BaseException], None],
+    partition: int,
+    first: RecordMetadata | None,
+    n: int,
+    exc: BaseException | None,
 ) -> None:
-    exc = None if future.cancelled() else future.exception()
+    """How a changelog record ended (a `Done`) -> the table told its offset, or the failure."""
     if isinstance(exc, Fenced):  # dropped unsent (fence.gate_producer); its message is read again
         table.untrusted.add(partition)
         return
     if exc is not None:
         on_failed(exc)  # a lost changelog record must stop the worker before it commits
         return
-    metadata = future.result()
-    table.delivered(metadata.partition, metadata.offset)
+    if first is not None:
+        table.delivered(partition, first.offset + n)
 
 
 # In the data directory: written when a worker stopped cleanly, removed when one starts.

@@ -41,7 +41,7 @@ from service.logs import logging_config
 from service.metrics_stage import MetricsState, metrics_key, wire_metrics
 from service.normalize import normalize
 from service.observability import Metrics
-from service.outbox import Headers, Outbox
+from service.outbox import Done, Headers, Outbox, settle_future
 from service.outbox import install as install_outbox
 from service.parse import Limits, Rejected, parse
 from service.profile import profile
@@ -219,8 +219,8 @@ def _raw_topic(app: faust.App, *names: str, partitions: int | None = None) -> fa
     )
 
 
-# (topic, key, value, headers) -> the record's delivery future, once it is in the producer
-Send = Callable[[faust.TopicT, bytes | None, bytes | None, Headers], Awaitable[Any]]
+# (topic, key, value, headers, told how the record ended), once the record is in the outbox
+Send = Callable[[faust.TopicT, bytes | None, bytes | None, Headers, Done], Awaitable[None]]
 
 
 def producer_send(outbox: Outbox) -> Send:
@@ -231,9 +231,9 @@ def producer_send(outbox: Outbox) -> Send:
     before its offset is committed."""
 
     async def send(
-        topic: faust.TopicT, key: bytes | None, value: bytes | None, headers: Headers
-    ) -> Any:
-        return await outbox.put(topic.get_topic_name(), None, key, value, headers)
+        topic: faust.TopicT, key: bytes | None, value: bytes | None, headers: Headers, done: Done
+    ) -> None:
+        await outbox.put(topic.get_topic_name(), None, key, value, headers, done)
 
     return send
 
@@ -243,8 +243,8 @@ def producer_changelog_send(outbox: Outbox) -> ChangelogSend:
     before it are delivered: a change is never on its changelog while its outputs may be
     lost (`service.outbox`)."""
 
-    async def send(topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
-        return await outbox.put(topic, partition, key, value, after_delivery=True)
+    async def send(topic: str, partition: int, key: bytes, value: bytes | None, done: Done) -> None:
+        await outbox.put(topic, partition, key, value, None, done, after_delivery=True)
 
     return send
 
@@ -390,8 +390,10 @@ class CustomerReads:
 async def forget_request(worker: Worker, key: str) -> None:
     """Queue a right-to-be-forgotten request behind every event already on its way (the
     stages' records wait in the outbox: sent past it, it could overtake them)."""
-    fut = await worker.send(worker.identity_stream, FORGET_KEY, forget_command(key), None)
-    await fut
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    command = forget_command(key)
+    await worker.send(worker.identity_stream, FORGET_KEY, command, None, settle_future(future))
+    await future
 
 
 def transport(settings: Settings) -> tuple[faust.App, Outbox]:
@@ -469,8 +471,7 @@ def build_worker(
         metrics.processing_errors.labels(stage="publish").inc()
         on_fatal("publish", exc)
 
-    def on_sent(fut: asyncio.Future[Any]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
+    def on_sent(_first: Any, _n: int, exc: BaseException | None) -> None:
         # Fenced: dropped unsent by the producer's gate; its message is read again.
         if exc is not None and not isinstance(exc, Fenced):
             publish_failed(exc)
@@ -486,8 +487,7 @@ def build_worker(
     ) -> None:
         if fence.stale():  # possibly replaced: write nothing until confirmed (or released)
             await fence.wait_current(rebalancing)
-        fut: Any = await worker.send(topic, key, value, headers)
-        fut.add_done_callback(on_sent)
+        await worker.send(topic, key, value, headers, on_sent)
 
     def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         if not worker.assigned_once:  # the producer has started: hold its records when stale

@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import faust
 import orjson
 import pytest
+from aiokafka.structs import RecordMetadata, TopicPartition
 from faust.types.tuples import Message
 from prometheus_client import CollectorRegistry
 
@@ -51,6 +51,7 @@ from service.deadletter import (
 from service.forget import FORGET_KEY, forget_command
 from service.identity import IdentityGraph, is_placeholder, provisional_key
 from service.metrics import Derived
+from service.outbox import Done
 from service.profile import Profile
 from service.rolling import MinuteAgg
 from service.settings import load_settings
@@ -86,42 +87,44 @@ class Sent:
 
 @dataclass
 class Capture:
-    """Stands in for the worker's send to one topic: records each call, returns an
-    already-completed future."""
+    """Stands in for the worker's send to one topic (partition 0): records each call, and
+    tells it delivered at the next offset."""
 
+    topic: str = "captured"
     sent: list[Sent] = field(default_factory=list)
 
     async def send(
         self,
-        *,
-        key: bytes | None = None,
-        value: bytes | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
-        **_: Any,
-    ) -> asyncio.Future[None]:
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        done: Done,
+    ) -> None:
         await asyncio.sleep(0)  # a real send suspends too; the feeding helper must cope
         self.sent.append(Sent(key, value, list(headers or [])))
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+        done(_metadata(self.topic, 0, len(self.sent) - 1), 0, None)
+
+
+def _metadata(topic: str, partition: int, offset: int) -> RecordMetadata:
+    return RecordMetadata(topic, partition, TopicPartition(topic, partition), offset, -1, 0, 0)
 
 
 @dataclass
 class ChangelogCapture:
     """Stands in for the worker's changelog send: records (topic, partition, key, value) and
-    returns a future already delivered at the next offset of that partition."""
+    tells it delivered at the next offset of that partition."""
 
     sent: list[tuple[str, int, bytes, bytes | None]] = field(default_factory=list)
     ends: Counter[tuple[str, int]] = field(default_factory=Counter)
 
-    async def send(self, topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
+    async def send(
+        self, topic: str, partition: int, key: bytes, value: bytes | None, done: Done
+    ) -> None:
         await asyncio.sleep(0)
         self.sent.append((topic, partition, key, value))
         offset = self.ends[topic, partition]
         self.ends[topic, partition] += 1
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        done.set_result(SimpleNamespace(topic=topic, partition=partition, offset=offset))
-        return done
+        done(_metadata(topic, partition, offset), 0, None)
 
 
 @dataclass
@@ -213,11 +216,13 @@ def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
         worker.partials_stream,
         worker.metrics_topic,
     )
-    captures = [Capture() for _ in topics]
+    captures = [Capture(topic.get_topic_name()) for topic in topics]
     by_topic = {id(topic): capture for topic, capture in zip(topics, captures, strict=True)}
 
-    async def send(topic: Any, key: bytes | None, value: bytes | None, headers: Any) -> Any:
-        return await by_topic[id(topic)].send(key=key, value=value, headers=headers)
+    async def send(
+        topic: Any, key: bytes | None, value: bytes | None, headers: Any, done: Done
+    ) -> None:
+        await by_topic[id(topic)].send(key, value, headers, done)
 
     worker.send = send
     changelog = ChangelogCapture()
@@ -863,10 +868,10 @@ async def test_a_changelog_record_not_delivered_is_fatal(harness: Harness) -> No
     """The broker refuses a table's changelog record: the worker stops (on_fatal) rather than
     commit past a message whose state change no rebuild would see."""
 
-    async def refused(topic: str, partition: int, key: bytes, value: bytes | None) -> Any:
-        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        failed.set_exception(RuntimeError("changelog write refused"))
-        return failed
+    async def refused(
+        topic: str, partition: int, key: bytes, value: bytes | None, done: Done
+    ) -> None:
+        done(None, 0, RuntimeError("changelog write refused"))
 
     harness.worker.send_changelog = refused
     async with harness.worker.agents["accept"].test_context() as agent:

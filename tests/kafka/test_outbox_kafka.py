@@ -20,11 +20,21 @@ from service import outbox
 from service.broker import EmbeddedBroker
 from service.fence import Fenced, SessionFence, gate_producer
 from service.kafka import CachedPartitioner
-from service.outbox import Outbox
+from service.outbox import Outbox, settle_future
+from service.storage import ChangelogSend
 from service.worker import producer_changelog_send
 from tests.kafka.harness import read_topic
 
 pytestmark = pytest.mark.kafka
+
+
+async def _change(
+    send: ChangelogSend, topic: str, partition: int, key: bytes, value: bytes
+) -> asyncio.Future[Any]:
+    """A changelog record through the worker's changelog send -> a future of its metadata."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    await send(topic, partition, key, value, settle_future(future))
+    return future
 
 
 async def _topic(bootstrap: str, partitions: int) -> str:
@@ -131,8 +141,7 @@ async def test_a_stage_waits_for_room_while_the_outbox_is_full(broker: EmbeddedB
         box = Outbox(lambda: producer)
         futures = [box.add(topic, 0, b"k", f"{n}".encode()) for n in range(outbox.MAX_PENDING)]
         assert box.full()  # nothing handed over yet: the loop has not run
-        send = producer_changelog_send(box)
-        last = await send(topic, 0, b"k", b"after the wait")
+        last = await _change(producer_changelog_send(box), topic, 0, b"k", b"after the wait")
         assert not box.full()
         metadata = await asyncio.wait_for(asyncio.gather(*futures, last), timeout=30)
         assert [m.offset for m in metadata] == list(range(outbox.MAX_PENDING + 1))
@@ -174,7 +183,7 @@ async def test_a_changelog_record_waits_for_the_delivery_of_the_records_before_i
             outputs.append(box.add(topic, n % 4, b"k", f"{n}:".encode() + b"x" * (n % 300)))
             if n % 3 == 0:
                 before.append(len(outputs))
-                changes.append(await send(changelog, 0, b"k", f"{n}".encode()))
+                changes.append(await _change(send, changelog, 0, b"k", f"{n}".encode()))
             if n % 300 == 0:
                 await asyncio.sleep(0.003)  # a hand-over happens in between
         await asyncio.wait_for(box.drain(), timeout=30)
@@ -218,13 +227,14 @@ async def test_a_changelog_record_after_a_dropped_output_is_dropped_too(
     async with _stale_producer(broker.bootstrap, rebalancing=True) as (producer, fence):
         box = Outbox(lambda: producer)
         output = box.add(topic, 0, b"k", b"output")
-        change = await producer_changelog_send(box)(changelog, 0, b"k", b"change")
+        send = producer_changelog_send(box)
+        change = await _change(send, changelog, 0, b"k", b"change")
         await asyncio.wait((output,), timeout=10)
         fence.confirm()  # current again: whatever reaches the producer now is sent
         await asyncio.wait_for(box.drain(), timeout=10)
         assert isinstance(output.exception(), Fenced)
         assert isinstance(change.exception(), Fenced)
-        after = await producer_changelog_send(box)(changelog, 0, b"k", b"a later change")
+        after = await _change(send, changelog, 0, b"k", b"a later change")
         assert (await asyncio.wait_for(after, timeout=10)).offset == 0  # nothing before it
 
 
@@ -240,7 +250,9 @@ async def test_records_waiting_for_delivery_count_towards_a_full_outbox(
         box = Outbox(lambda: producer)
         output = box.add(topic, 0, b"k", b"output")
         send = producer_changelog_send(box)
-        changes = [await send(changelog, 0, b"k", f"{n}".encode()) for n in range(outbox.FULL)]
+        changes = [
+            await _change(send, changelog, 0, b"k", f"{n}".encode()) for n in range(outbox.FULL)
+        ]
         changes += [
             box.add(changelog, 0, b"k", f"{n}".encode(), after_delivery=True)
             for n in range(outbox.FULL, outbox.MAX_PENDING)
@@ -249,7 +261,7 @@ async def test_records_waiting_for_delivery_count_towards_a_full_outbox(
         assert not box.records
         assert not box.later
         assert box.full()  # the changelog records wait for the output
-        waiting = asyncio.ensure_future(send(changelog, 0, b"k", b"after the wait"))
+        waiting = asyncio.ensure_future(_change(send, changelog, 0, b"k", b"after the wait"))
         await asyncio.sleep(0.2)
         assert not waiting.done()
         fence.confirm()

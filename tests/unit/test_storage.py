@@ -3,13 +3,12 @@ a changelog delivery does to its table."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from aiokafka.errors import KafkaTimeoutError
+from aiokafka.structs import RecordMetadata, TopicPartition
 
 from service.fence import Fenced
 from service.storage import CLEAN_STOP, _on_delivered, discard_unless_clean, mark_clean_stop
@@ -62,29 +61,24 @@ class Delivered:
         self.offsets.append((partition, offset))
 
 
-def _future(result: object = None, error: BaseException | None = None) -> asyncio.Future[Any]:
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
-    return future
+def _first(partition: int, offset: int) -> RecordMetadata:
+    """The metadata of a delivered batch's first record."""
+    tp = TopicPartition("cx.customers-changelog", partition)
+    return RecordMetadata(tp.topic, partition, tp, offset, -1, 0, 0)
 
 
-async def test_a_delivery_moves_the_table_on_and_a_failure_is_fatal() -> None:
+def test_a_delivery_moves_the_table_on_and_a_failure_is_fatal() -> None:
     table, failures = Delivered(), list[BaseException]()
-    _on_delivered(
-        cast(Any, table), failures.append, 2, _future(SimpleNamespace(partition=2, offset=7))
-    )
+    _on_delivered(cast(Any, table), failures.append, 2, _first(2, 5), 2, None)  # third of a batch
     assert table.offsets == [(2, 7)]
     error = KafkaTimeoutError()
-    _on_delivered(cast(Any, table), failures.append, 2, _future(error=error))
+    _on_delivered(cast(Any, table), failures.append, 2, None, 0, error)
     assert failures == [error]
 
 
-async def test_a_record_dropped_by_the_fence_is_neither_delivered_nor_fatal() -> None:
+def test_a_record_dropped_by_the_fence_is_neither_delivered_nor_fatal() -> None:
     table, failures = Delivered(), list[BaseException]()
-    _on_delivered(cast(Any, table), failures.append, 2, _future(error=Fenced("dropped")))
+    _on_delivered(cast(Any, table), failures.append, 2, None, 0, Fenced("dropped"))
     assert table.offsets == []
     assert failures == []
     assert table.untrusted == {2}  # its local database is rebuilt at the next rebalance
