@@ -35,8 +35,9 @@ from aiokafka.structs import RecordMetadata
 Headers = list[tuple[str, bytes]] | None
 # Told how a record ended: (its batch's first RecordMetadata, the record's index in the batch,
 # None) once delivered, or (None, 0, the error). Called from the batch's own callback: a
-# future per record (created, set, and its callbacks run on a later loop turn) cost about
-# 7 % of the worker's CPU, in a profile, at about 13 records an event.
+# future per record (created, set, and its callbacks run on a later loop turn), at about 13
+# records an event, was most of `Outbox.add`'s 4.1 % of the worker's samples in a profile,
+# plus 2.6 % settling them and about 2 % of the loop's scheduling and handles.
 Done = Callable[[RecordMetadata | None, int, BaseException | None], None]
 # (topic, partition or None for the producer's partitioner, key, value, headers, told when done)
 _Record = tuple[str, int | None, bytes | None, bytes | None, Headers, Done]
