@@ -153,8 +153,8 @@ class Outbox:
         if (self.records or self.later) and not self._taking:
             self._taking = True
             self._draining = asyncio.ensure_future(self._next(self._draining))
-            # A hand-over that fails (the producer stopped) fails its records' futures: the
-            # error is theirs to report.
+            # A hand-over that fails (the producer stopped) tells its records: the error is
+            # theirs to report.
             self._draining.add_done_callback(lambda f: None if f.cancelled() else f.exception())
 
     async def _next(self, before: asyncio.Future[None] | None) -> None:
