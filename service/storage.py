@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
+import orjson
 import rocksdict
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import RecordMetadata
 from faust.stores import rocksdb as faust_rocksdb
 from faust.stores.base import SerializedStore
+from faust.streams import current_event
 from faust.tables.recovery import Recovery
 from faust.types import TP
+from faust.utils import json as faust_json
 
 from service.fence import Fenced, refuse_if_stale
 from service.outbox import Done
@@ -41,6 +44,18 @@ ROCKSDB_OPTIONS = {
 def text_key(key: Any) -> str:
     """A key read back from a raw-keyed table (bytes) -> the string it was written as."""
     return key.decode() if isinstance(key, bytes) else str(key)
+
+
+_MISSING = object()
+
+
+def _faust_json(value: Any) -> bytes:
+    """A str, dict or list -> the bytes Faust's "json" codec makes of it (its registry's
+    lookups and calls skipped: `faust.utils.json.dumps` with orjson). Faust encodes these
+    tables' keys with it too: their schema's "raw" key serializer does not reach the table."""
+    return orjson.dumps(
+        value, default=faust_json.on_default, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z
+    )
 
 
 # (changelog topic, partition, key, value or None to delete, told how the record ended)
@@ -67,22 +82,32 @@ class BufferedTable(faust.Table[Any, Any]):
         self.untrusted: set[int] = set()
 
     def __getitem__(self, key: Any) -> Any:
-        # One store read: Faust's asks the store whether the key is there first (for a
-        # table's default value, which these tables have none of), then reads it.
-        return self.data[key]  # KeyError when missing
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
 
     def get(self, key: Any, default: Any = None) -> Any:
-        try:
-            return self.data[key]
-        except KeyError:
-            return default
+        db = self._message_db()
+        if db is None:  # no message (an HTTP read), or the memory store (agent tests)
+            try:
+                return self.data[key]
+            except KeyError:
+                return default
+        raw = db.get(self._key_bytes(key))
+        return default if raw is None else orjson.loads(raw)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         store = self.data
         if isinstance(store, SerializedStore):  # encoded once, for the store and the changelog
-            raw_key, raw = store._encode_key(key), store._encode_value(value)
+            raw_key = self._key_bytes(key)
+            raw = self._value_bytes(value)
             self._pend(key, raw_key, raw)
-            store._set(raw_key, raw)
+            db = self._message_db()
+            if db is None:
+                store._set(raw_key, raw)
+            else:
+                db.put(raw_key, raw)
         else:  # the memory store (agent tests) keeps the objects themselves
             self.on_key_set(key, value)
             store[key] = value
@@ -90,12 +115,45 @@ class BufferedTable(faust.Table[Any, Any]):
     def __delitem__(self, key: Any) -> None:
         store = self.data
         if isinstance(store, SerializedStore):
-            raw_key = store._encode_key(key)
+            raw_key = self._key_bytes(key)
             self._pend(key, raw_key, None)
-            store._del(raw_key)
+            db = self._message_db()
+            if db is None:
+                store._del(raw_key)
+            else:
+                db.delete(raw_key)
         else:
             self.on_key_del(key)
             del store[key]
+
+    def _message_db(self) -> Any:
+        """The RocksDB database of the partition of the message being handled; None with no
+        message, or with the memory store of the agent tests.
+
+        What Faust's store does for such a table (its partition is the message's), without
+        its codec registry and the key index it keeps for reads outside a message (an LRU
+        update under a lock per read and write). A read of a 780-byte record, decoded: 8.6 to
+        9.0 µs before, 4.4 to 4.7 µs so (the database's own read 1.6 µs); a write with its
+        changelog entry 11.5 -> 8.8 to 9.1 µs (20 000 keys, here). Reads outside a message
+        go through Faust's store, which finds a key without that index too, in every
+        partition's database."""
+        store = self.data
+        if type(store) is not faust_rocksdb.Store:
+            return None
+        event = current_event()
+        if event is None:
+            return None
+        return store._db_for_partition(event.message.partition)
+
+    def _key_bytes(self, key: Any) -> bytes:
+        if type(key) is str and self.key_serializer == "json":
+            return _faust_json(key)
+        return self.encode_key(key)
+
+    def _value_bytes(self, value: Any) -> bytes | None:
+        if type(value) in (dict, list) and self.value_serializer == "json":
+            return _faust_json(value)
+        return self.encode_value(value)
 
     def on_key_set(self, key: Any, value: Any) -> None:
         self._pend(key, self.encode_key(key), self.encode_value(value))

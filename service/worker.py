@@ -201,10 +201,12 @@ class RawSchema(faust.Schema[bytes | None, bytes | None]):
         on_value_decode_error: Any = None,
         default_propagate: bool = False,
     ) -> Callable[..., Awaitable[Any]]:
-        create_event = app.create_event
+        # What `app.create_event` does, without its lookup of the class in the app's settings
+        # at every record (about 0.7 % of the worker's samples).
+        event_class: Any = app.conf.Event
 
         async def decode(message: Message, *, propagate: bool = default_propagate) -> Any:
-            return create_event(message.key, message.value, message.headers, message)
+            return event_class(app, message.key, message.value, message.headers, message)
 
         return decode
 

@@ -1,17 +1,67 @@
-"""Agent tier (Faust, no broker): a `BufferedTable` partition whose changelog records were
-dropped is discarded locally, to be rebuilt from its changelog alone."""
+"""Agent tier (Faust, no broker): a `BufferedTable` reads and writes what Faust's store would;
+a partition whose changelog records were dropped is discarded locally, to be rebuilt from its
+changelog alone."""
 
 from __future__ import annotations
 
+import weakref
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import faust
 import pytest
+from faust.streams import _current_event
 
 from service.storage import json_table
 
 pytestmark = pytest.mark.agent
+
+
+class _Event:
+    """What a table reads of the event being handled: its message's topic and partition."""
+
+    def __init__(self, partition: int) -> None:
+        self.message = SimpleNamespace(topic="source", partition=partition)
+
+
+async def test_a_table_reads_and_writes_the_bytes_fausts_store_would(tmp_path: Path) -> None:
+    app = faust.App("t-bytes", broker="kafka://localhost:1", store="rocksdb://",
+                    datadir=str(tmp_path))  # fmt: skip
+    table = json_table(app, "customers", 2)
+    store: Any = table.data
+    table._verified_source_topics_for_partitions.add("source")  # no consumer to ask
+    value = {"a": [1, 2.5, None, "é"], "b": {"c": True}}
+    event = _Event(1)
+    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+    try:
+        table["k"] = value
+        table["gone"] = [1]
+        del table["gone"]
+        assert table["k"] == value
+        assert table.get("k") == value
+        assert table.get("gone") is None
+        assert table.get("missing", "default") == "default"
+        with pytest.raises(KeyError):
+            table["missing"]
+    finally:
+        _current_event.reset(token)
+    # in the message's partition, keyed and encoded as Faust's store and changelog have them
+    key, gone = store._encode_key("k"), store._encode_key("gone")
+    assert key == b'"k"'
+    raw = store._db_for_partition(1).get(key)
+    assert raw == store._encode_value(value)
+    assert store._db_for_partition(0).get(key) is None
+    assert store._db_for_partition(1).get(gone) is None
+    assert table.pending == {(1, key): raw, (1, gone): None}
+    assert table.get("k") == value  # outside a message: through Faust's store
+    # values Faust's codec encodes through its options (non-str keys, UTC as Z) and default
+    odd = {"when": datetime(2026, 1, 2, tzinfo=UTC), 7: Decimal("1.50"), "l": [{"x": 1}]}
+    assert table._value_bytes(odd) == store._encode_value(odd)
+    assert table._value_bytes([odd]) == store._encode_value([odd])
+    assert table._key_bytes('é"\\') == store._encode_key('é"\\')
 
 
 async def test_an_untrusted_partition_is_discarded_and_the_others_kept(tmp_path: Path) -> None:

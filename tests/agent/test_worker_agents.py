@@ -443,6 +443,7 @@ async def test_every_stage_reads_keys_and_values_as_the_bytes_sent(harness: Harn
             message.headers = [("h", b"1")]
             event, expected = await agent.channel.decode(message), await faust_decode(message)
             assert (event.key, event.value, event.message) == (key, value, message)
+            assert (type(event), event.app) == (type(expected), expected.app)
             assert (event.key, event.value, event.headers) == (
                 expected.key, expected.value, expected.headers
             )  # fmt: skip
