@@ -6,12 +6,13 @@ import contextlib
 import functools
 import logging
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.helpers import create_ssl_context
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.partitioner import DefaultPartitioner
 
 from service.settings import SecurityProtocol, Settings
 from service.topics import Topics
@@ -19,10 +20,43 @@ from service.topics import Topics
 log = logging.getLogger(__name__)
 
 
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+@functools.lru_cache(maxsize=256)
+def _words(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}I")
+
+
+def murmur2(data: bytes) -> int:
+    """Key bytes -> Kafka's murmur2 hash (the Java client's `Utils.murmur2`, unsigned).
+
+    aiokafka's own is the same steps a byte at a time in pure Python; this reads the 4-byte
+    words at once: a 36-byte key (an event id) in 2.9 µs instead of 6.0 to 6.4 µs here."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    whole = length & ~3
+    for k in _words(length >> 2).unpack_from(data):
+        k = (k * _M) & _MASK
+        k = ((k ^ (k >> 24)) * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    extra = length & 3
+    if extra == 3:
+        h ^= data[whole + 2] << 16
+    if extra >= 2:
+        h ^= data[whole + 1] << 8
+    if extra:
+        h = ((h ^ data[whole]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
+
+
 class CachedPartitioner:
     """Kafka's default partitioner (murmur2 of the key bytes, as the Java client) that
-    remembers the hashes of the last `size` keys: aiokafka's murmur2 is pure Python (about
-    8 µs a key here), and the same customer keys come back on several outputs per event."""
+    remembers the hashes of the last `size` keys: the same customer keys come back on
+    several outputs per event."""
 
     def __init__(self, size: int = 1 << 16) -> None:
         self._hash = functools.lru_cache(maxsize=size)(murmur2)

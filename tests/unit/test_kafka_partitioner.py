@@ -1,12 +1,19 @@
-"""Unit tier: `service.kafka.CachedPartitioner` places every key as Kafka's default does."""
+"""Unit tier: `service.kafka.CachedPartitioner` places every key as Kafka's default does, with
+a murmur2 equal to aiokafka's."""
 
 from __future__ import annotations
 
+from aiokafka import partitioner as aiokafka_partitioner
 from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.kafka import CachedPartitioner
+from service.kafka import CachedPartitioner, murmur2
+
+
+@given(key=st.binary(max_size=300))
+def test_murmur2_equals_aiokafkas(key: bytes) -> None:
+    assert murmur2(key) == aiokafka_partitioner.murmur2(key)
 
 
 @given(
@@ -32,6 +39,8 @@ JAVA_MURMUR2 = {
 
 def test_placement_of_the_java_client() -> None:
     """Java: toPositive(murmur2(key)) % partitions."""
+    for key, hashed in JAVA_MURMUR2.items():
+        assert murmur2(key) == hashed & 0xFFFFFFFF
     for partitions in (1, 3, 8, 12):
         every = list(range(partitions))
         for key, hashed in JAVA_MURMUR2.items():
