@@ -26,7 +26,7 @@ from faust.types.tuples import Message
 from mode import ServiceT
 from prometheus_client import CollectorRegistry
 
-from service import delivery, handoff, pausing, yielding
+from service import assignor, delivery, handoff, pausing, yielding
 from service.alerts import alerts_for
 from service.canonical import CHANNELS, IdentityMerge, Normalized, Routed, Source, epoch_ms
 from service.deadletter import deadletter_headers
@@ -183,6 +183,7 @@ def _faust_app(settings: Settings) -> faust.App:
         canonical_url=settings.advertised_url,
         monitor=QuietMonitor(),
         producer_partitioner=_PARTITIONER,
+        PartitionAssignor=assignor.SpreadAssignor,
     )
     _FETCH_WAIT_MS[app] = int(settings.kafka_fetch_max_wait.total_seconds() * 1000)
     return app
@@ -734,6 +735,15 @@ def build_worker(
     )
     worker.agents.update(metric_agents)
     tables.extend(t for t in app.tables.values() if isinstance(t, BufferedTable))
+    # The two single-partition stages, each with its table, on different workers when there
+    # are several (`service.assignor`).
+    assignor.spread(
+        app,
+        [
+            {topics.identity_stream, worker.identity_table.changelog_topic.get_topic_name()},
+            {topics.partials_stream, worker.partials_table.changelog_topic.get_topic_name()},
+        ],
+    )
 
     @app.timer(1.0)  # type: ignore[untyped-decorator]
     async def freshness() -> None:
