@@ -4,7 +4,6 @@ input topic with its table's changelog, and assigns everything else as Faust doe
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from service.assignor import (
     faust_perform_digest,
     split_families,
 )
-from service.settings import load_settings
 from service.worker import Worker, build_worker
+from tests.agent._settings import offline_settings
 
 pytestmark = pytest.mark.agent
 
@@ -47,15 +46,7 @@ def test_families_are_taken_out_of_their_group() -> None:
 
 @pytest.fixture
 def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Worker:
-    for name in [name for name in os.environ if name.upper().startswith("CX_")]:
-        monkeypatch.delenv(name)
-    settings = load_settings(
-        kafka_bootstrap_servers="localhost:1",
-        pii_key="test-pii-key-0123456789",
-        data_dir=tmp_path,
-        partitions=PARTITIONS,
-    )
-    worker = build_worker(settings)
+    worker = build_worker(offline_settings(tmp_path, monkeypatch, partitions=PARTITIONS))
     worker.app.finalize()
     return worker
 

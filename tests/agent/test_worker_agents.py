@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 import zlib
@@ -54,9 +53,9 @@ from service.metrics import Derived
 from service.outbox import Done
 from service.profile import Profile
 from service.rolling import MinuteAgg
-from service.settings import load_settings
 from service.simulate import SimMessage, generate
 from service.worker import StrKeys, Worker, build_worker, faust_worker_for
+from tests.agent._settings import offline_settings
 
 pytestmark = pytest.mark.agent
 
@@ -185,14 +184,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Harness:
     """A fresh worker (memory tables, fixed clock) whose output topics are captured."""
-    for name in [name for name in os.environ if name.upper().startswith("CX_")]:
-        monkeypatch.delenv(name)  # defaults only: the environment must not change topic names
-    settings = load_settings(
-        kafka_bootstrap_servers="localhost:1",
-        pii_key="test-pii-key-0123456789",
-        data_dir=tmp_path,
-        partitions=PARTITIONS,
-    )
+    settings = offline_settings(tmp_path, monkeypatch, partitions=PARTITIONS)
     registry = CollectorRegistry()
     fatal: list[tuple[str, BaseException]] = []
     worker = build_worker(
@@ -1559,14 +1551,7 @@ def test_worker_logging_stays_at_the_configured_level(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: str
 ) -> None:
     """Faust's spinner used to lower the root logger to DEBUG at WARNING and above."""
-    for name in [name for name in os.environ if name.upper().startswith("CX_")]:
-        monkeypatch.delenv(name)
-    settings = load_settings(
-        kafka_bootstrap_servers="localhost:1",
-        pii_key="test-pii-key-0123456789",
-        data_dir=tmp_path,
-        log_level=level,
-    )
+    settings = offline_settings(tmp_path, monkeypatch, log_level=level)
     root = logging.getLogger()
     saved = root.level, list(root.handlers)
     try:
