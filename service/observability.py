@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -154,12 +155,14 @@ class Metrics:
             ["channel"],
             registry=registry,
         )
-        self.lag = Gauge(
+        # Not a remembered-labels gauge: `set_lags` removes the series of revoked partitions.
+        self.lag = PromGauge(
             "cxpulse_consumer_lag",
             "Messages not yet processed, per assigned input partition (end offset - position).",
             ["topic", "partition"],
             registry=registry,
         )
+        self._lag_series: set[tuple[str, int]] = set()
         self.state_keys = Gauge(
             "cxpulse_state_keys",
             "Keys in this worker's local state, per table (dedup, identity, customers).",
@@ -234,3 +237,13 @@ class Metrics:
             self.alerts.labels(type=kind)
         for table in ("dedup", "identity", "customers"):
             self.state_keys.labels(table=table)
+
+    def set_lags(self, lags: Mapping[tuple[str, int], int]) -> None:
+        """(topic, partition) -> lag, for the partitions assigned now: each set, and the series
+        of a partition no longer listed removed (a revoked partition's last value stayed
+        exported, stale, beside its new owner's)."""
+        for topic, partition in self._lag_series - lags.keys():
+            self.lag.remove(topic, str(partition))
+        for (topic, partition), lag in lags.items():
+            self.lag.labels(topic=topic, partition=str(partition)).set(lag)
+        self._lag_series = set(lags)

@@ -764,8 +764,7 @@ def build_worker(
             return
         worker.broker_up = await _broker_answers(app)
         metrics.broker_up.set(1 if worker.broker_up else 0)
-        for tp, lag in _lags(app).items():
-            metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+        metrics.set_lags({(tp.topic, tp.partition): lag for tp, lag in _lags(app).items()})
 
     @app.timer(settings.state_scan_interval.total_seconds())  # type: ignore[untyped-decorator]
     async def state_sizes() -> None:

@@ -279,6 +279,32 @@ def assert_consumed_to_end(scenario: Scenario, within: float = 30.0) -> None:
     raise AssertionError(f"committed != end (committed, end): {behind}")
 
 
+def _single_partition_holders(
+    scenario: Scenario, a: WorkerProcess, b: WorkerProcess, within: float = 15.0
+) -> tuple[set[str], set[str]]:
+    """-> which workers hold the identity stage and which the metrics merger, as their lag
+    series say (a worker exports the lag of the partitions it holds now, every 2 s), once
+    each has one holder (or after `within` seconds)."""
+
+    def holds(samples: dict[str, float], suffix: str) -> bool:
+        labels = (f'topic="{scenario.topic(suffix)}"', 'partition="0"')
+        return any(
+            name.startswith("cxpulse_consumer_lag{") and all(label in name for label in labels)
+            for name in samples
+        )
+
+    deadline = time.monotonic() + within
+    while True:
+        samples = {"a": a.metrics(), "b": b.metrics()}
+        identity, partials = (
+            {name for name, mine in samples.items() if holds(mine, suffix)}
+            for suffix in ("internal.identity", "internal.partials")
+        )
+        if (len(identity) == len(partials) == 1) or time.monotonic() > deadline:
+            return identity, partials
+        time.sleep(0.5)
+
+
 def _consumed(worker: WorkerProcess) -> float:
     return total(worker.metrics(), "cxpulse_messages_consumed_total")
 
@@ -326,6 +352,8 @@ def test_rolling_restarts_keep_every_partition_going(
         assert len(raw) == 16, f"the stream reached every raw partition: {sorted(raw)}"
         assert watcher.customer_partitions == {0, 1, 2, 3}
         assert_consumed_to_end(scenario)
+        # a held both single-partition stages while b was down: b took one of them back
+        assert _single_partition_holders(scenario, a, b) == ({"a"}, {"b"})
         print(f"rolling restarts: {time.monotonic() - run_started:.1f}s")
     finally:
         if watcher is not None:

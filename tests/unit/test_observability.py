@@ -44,3 +44,18 @@ def test_histograms_and_gauges_keep_their_own_behaviour() -> None:
         metrics.consumed.labels(chanel="web")  # a wrong name still fails, and is not kept
     with pytest.raises(ValueError, match="Incorrect label names"):
         metrics.consumed.labels(chanel="web")
+
+
+def test_the_lag_of_a_revoked_partition_is_no_longer_exported() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    sample = registry.get_sample_value
+    metrics.set_lags({("cx.raw.web", 0): 5, ("cx.internal.identity", 0): 2})
+    metrics.set_lags({("cx.raw.web", 0): 3})  # the identity partition went to another worker
+    assert sample("cxpulse_consumer_lag", {"topic": "cx.raw.web", "partition": "0"}) == 3
+    assert (
+        sample("cxpulse_consumer_lag", {"topic": "cx.internal.identity", "partition": "0"}) is None
+    )
+    metrics.set_lags({("cx.internal.identity", 0): 0, ("cx.raw.web", 0): 1})  # and came back
+    assert sample("cxpulse_consumer_lag", {"topic": "cx.internal.identity", "partition": "0"}) == 0
+    assert sample("cxpulse_consumer_lag", {"topic": "cx.raw.web", "partition": "0"}) == 1
