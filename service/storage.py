@@ -102,12 +102,7 @@ class BufferedTable(faust.Table[Any, Any]):
         if isinstance(store, SerializedStore):  # encoded once, for the store and the changelog
             raw_key = self._key_bytes(key)
             raw = self._value_bytes(value)
-            self._pend(key, raw_key, raw)
-            db = self._message_db()
-            if db is None:
-                store._set(raw_key, raw)
-            else:
-                db.put(raw_key, raw)
+            self._write(store, self._pend(key, raw_key, raw), raw_key, raw)
         else:  # the memory store (agent tests) keeps the objects themselves
             self.on_key_set(key, value)
             store[key] = value
@@ -116,19 +111,31 @@ class BufferedTable(faust.Table[Any, Any]):
         store = self.data
         if isinstance(store, SerializedStore):
             raw_key = self._key_bytes(key)
-            self._pend(key, raw_key, None)
-            db = self._message_db()
-            if db is None:
-                store._del(raw_key)
-            else:
-                db.delete(raw_key)
+            self._write(store, self._pend(key, raw_key, None), raw_key, None)
         else:
             self.on_key_del(key)
             del store[key]
 
+    @staticmethod
+    def _write(
+        store: SerializedStore[Any, Any], partition: int, raw_key: bytes, raw: bytes | None
+    ) -> None:
+        """A write (None: a delete) -> the store, in the partition `_pend` found for it (the
+        message's, where Faust's store would look it up again)."""
+        if type(store) is faust_rocksdb.Store:
+            db = store._db_for_partition(partition)
+            if raw is None:
+                db.delete(raw_key)
+            else:
+                db.put(raw_key, raw)
+        elif raw is None:
+            store._del(raw_key)
+        else:
+            store._set(raw_key, raw)
+
     def _message_db(self) -> Any:
-        """The RocksDB database of the partition of the message being handled; None with no
-        message, or with the memory store of the agent tests.
+        """The RocksDB database of the partition of the message being handled, for a read;
+        None with no message, or with the memory store of the agent tests.
 
         What Faust's store does for such a table (its partition is the message's), without
         its codec registry and the key index it keeps for reads outside a message (an LRU
@@ -161,13 +168,15 @@ class BufferedTable(faust.Table[Any, Any]):
     def on_key_del(self, key: Any) -> None:
         self._pend(key, self.encode_key(key), None)
 
-    def _pend(self, key: Any, raw_key: bytes, raw: bytes | None) -> None:
+    def _pend(self, key: Any, raw_key: bytes, raw: bytes | None) -> int:
+        """A write (None: a delete) -> its changelog record pending; -> its partition."""
         refuse_if_stale(self.app)  # before the store changes
         partition = self.partition_for_key(key)
         if partition is None:  # never for these tables: keys live where their event came from
             raise TypeError(f"table {self.name}: no partition for a write outside a stage")
         self.pending.pop((partition, raw_key), None)  # the newest write goes last
         self.pending[(partition, raw_key)] = raw
+        return partition
 
     def encode_key(self, key: Any) -> bytes:
         encoded = self.app.serializers.dumps_key(self.key_type, key, serializer=self.key_serializer)
