@@ -32,6 +32,25 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
+# The cyclic collector's thresholds for a worker (Python's defaults: 700, 10, 10). Every event
+# allocates a few hundred short-lived objects, nearly all freed by reference counting; with a
+# young generation of 700 the collector ran ~60 times a second, and each tenth pass moved
+# in-flight objects to the middle generation, whose growth set off full collections of the
+# whole state. 60 000 messages, one worker: 5.4 -> 2.0 s in the collector (of ~52 s of CPU);
+# full collections 37 -> 11 (the rest are Faust's own `gc.collect()` on a revoke or a stop).
+GC_THRESHOLDS = (20_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Leave what lives as long as the process out of the collector's sight, and collect the
+    young generation less often (`GC_THRESHOLDS`)."""
+    # Everything imported and built so far lives as long as the process: out of the
+    # collector's sight, each full collection scans only the state (20 000 messages: 2.7 ->
+    # 1.2 s of full collections, each pausing the event loop for ~70 ms instead of ~150 ms).
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     """Run a worker (plus `extra_services`) until SIGTERM/SIGINT -> exit code."""
     from service.kafka import ensure_topics, missing_outputs
@@ -43,10 +62,7 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     except SettingsError as exc:
         print(f"cxpulse: {exc}", file=sys.stderr)
         return 2
-    # Everything imported and built so far lives as long as the process: out of the
-    # collector's sight, each full collection scans only the state (20 000 messages: 2.7 ->
-    # 1.2 s of full collections, each pausing the event loop for ~70 ms instead of ~150 ms).
-    gc.freeze()
+    tune_gc()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.create_topics:
         asyncio.run(ensure_topics(settings))
