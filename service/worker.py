@@ -770,14 +770,21 @@ def build_worker(
     async def state_sizes() -> None:
         if app.should_stop:  # timers can fire while the worker stops
             return
+        ready = worker.ready()
         for name, table in (
             ("dedup", dedup_table),
             ("identity", worker.identity_table),
             ("customers", customers),
         ):
-            metrics.state_keys.labels(table=name).set(sum(1 for _ in table))
+            held = table.keys_held()
+            if held is None and ready:
+                # Once after each assignment, when the recovered records are all there: from
+                # then on every write keeps the count (a scan each time was O(state)).
+                held = table.count_keys()
+            if held is not None:
+                metrics.state_keys.labels(table=name).set(held)
         holdings = worker.holdings
-        if not holdings.known and worker.ready():
+        if not holdings.known and ready:
             # Once after each assignment, when the recovered records are all there: from then
             # on every write keeps the counts (decoding every record each time was O(state)).
             holdings.count(customers.values())

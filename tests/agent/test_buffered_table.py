@@ -14,8 +14,9 @@ from typing import Any
 import faust
 import pytest
 from faust.streams import _current_event
+from faust.types import TP
 
-from service.storage import json_table
+from service.storage import flush_changelogs, json_table
 
 pytestmark = pytest.mark.agent
 
@@ -94,3 +95,54 @@ async def test_a_table_writes_no_log_and_keeps_its_writes_once_released(tmp_path
                       datadir=str(tmp_path))  # fmt: skip
     reopened = json_table(again, "customers", 1)
     assert reopened.data._db_for_partition(0).get(b"key199") == b"x" * 300
+
+
+async def test_the_key_count_follows_every_write_once_counted(tmp_path: Path) -> None:
+    app = faust.App("t-count", broker="kafka://localhost:1", store="rocksdb://",
+                    datadir=str(tmp_path))  # fmt: skip
+    table = json_table(app, "customers", 2)
+    store: Any = table.data
+    table._verified_source_topics_for_partitions.add("source")  # no consumer to ask
+    topic = table.changelog_topic.get_topic_name()
+    actives = {TP(topic, 0), TP(topic, 1)}
+    app.assignor.assigned_actives = lambda: actives  # type: ignore[method-assign]
+    store._db_for_partition(0).put(store._encode_key("recovered"), b"[1]")  # as recovery does
+    store._db_for_partition(1)
+    assert table.keys_held() is None  # not counted yet
+    assert table.count_keys() == 1
+    sent: list[tuple[int, bytes, bytes | None]] = []
+
+    async def send(topic: str, partition: int, key: bytes, value: bytes | None, done: Any) -> None:
+        sent.append((partition, key, value))
+
+    async def handle(partition: int, writes: Any) -> None:
+        event = _Event(partition)  # held: the context keeps only a weak reference
+        token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+        try:
+            writes()
+        finally:
+            _current_event.reset(token)
+        await flush_changelogs([table], send, pytest.fail)
+
+    def first() -> None:
+        table["a"] = [1]  # new, not read before
+        table["a"] = [2]  # written over, in the same message
+        assert table.get("b") is None
+        table["b"] = [1]  # new, read before
+        del table["a"]
+        assert table.pop("never", None) is None  # a delete of what is not there
+
+    def second() -> None:
+        table["recovered"] = [5]  # there already, not read before in this message
+        table["b2"] = [1]
+        del table["recovered"]
+        table["c"] = [1]
+
+    await handle(1, first)
+    assert table.keys_held() == len(store) == 2
+    await handle(0, second)
+    assert table.keys_held() == len(store) == 3
+    await handle(1, lambda: table.pop("b"))  # read in an earlier message, gone since
+    assert table.keys_held() == len(store) == 2
+    assert table.exists == {}  # one message's keys only
+    assert len(sent) == 6  # one changelog record per key and message
