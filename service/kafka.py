@@ -65,6 +65,8 @@ class CachedPartitioner:
     def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
         if key is None:
             return int(self._default(key, all_partitions, available))
+        if len(all_partitions) == 1:  # what any hash gives: no hash (the single-partition stages)
+            return all_partitions[0]
         hashed: int = self._hash(key)
         return all_partitions[(hashed & 0x7FFFFFFF) % len(all_partitions)]
 
