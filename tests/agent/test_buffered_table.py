@@ -28,12 +28,17 @@ class _Event:
         self.message = SimpleNamespace(topic="source", partition=partition)
 
 
-async def test_a_table_reads_and_writes_the_bytes_fausts_store_would(tmp_path: Path) -> None:
-    app = faust.App("t-bytes", broker="kafka://localhost:1", store="rocksdb://",
+def _stage_table(tmp_path: Path, app_id: str) -> tuple[faust.App, Any, Any]:
+    """-> (app, a two-partition RocksDB table as a stage writes it, its store)."""
+    app = faust.App(app_id, broker="kafka://localhost:1", store="rocksdb://",
                     datadir=str(tmp_path))  # fmt: skip
     table = json_table(app, "customers", 2)
-    store: Any = table.data
     table._verified_source_topics_for_partitions.add("source")  # no consumer to ask
+    return app, table, table.data
+
+
+async def test_a_table_reads_and_writes_the_bytes_fausts_store_would(tmp_path: Path) -> None:
+    _, table, store = _stage_table(tmp_path, "t-bytes")
     value = {"a": [1, 2.5, None, "é"], "b": {"c": True}}
     event = _Event(1)
     token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
@@ -98,11 +103,7 @@ async def test_a_table_writes_no_log_and_keeps_its_writes_once_released(tmp_path
 
 
 async def test_the_key_count_follows_every_write_once_counted(tmp_path: Path) -> None:
-    app = faust.App("t-count", broker="kafka://localhost:1", store="rocksdb://",
-                    datadir=str(tmp_path))  # fmt: skip
-    table = json_table(app, "customers", 2)
-    store: Any = table.data
-    table._verified_source_topics_for_partitions.add("source")  # no consumer to ask
+    app, table, store = _stage_table(tmp_path, "t-count")
     topic = table.changelog_topic.get_topic_name()
     actives = {TP(topic, 0), TP(topic, 1)}
     app.assignor.assigned_actives = lambda: actives  # type: ignore[method-assign]
