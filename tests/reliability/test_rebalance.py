@@ -352,8 +352,13 @@ def test_rolling_restarts_keep_every_partition_going(
         assert len(raw) == 16, f"the stream reached every raw partition: {sorted(raw)}"
         assert watcher.customer_partitions == {0, 1, 2, 3}
         assert_consumed_to_end(scenario)
-        # a held both single-partition stages while b was down: b took one of them back
-        assert _single_partition_holders(scenario, a, b) == ({"a"}, {"b"})
+        # The two single-partition stages end on different workers. Which holds which is not
+        # fixed: a restart of b can come back before the group ever rebalances without it, and
+        # then each stage stays where it was first placed (measured: identity on b, the merger
+        # on a, in every generation of a run).
+        identity, merger = _single_partition_holders(scenario, a, b)
+        assert len(identity) == len(merger) == 1, (identity, merger)
+        assert identity != merger, (identity, merger)
         print(f"rolling restarts: {time.monotonic() - run_started:.1f}s")
     finally:
         if watcher is not None:
