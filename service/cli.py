@@ -36,8 +36,9 @@ def _settings() -> Settings:
 # allocates a few hundred short-lived objects, nearly all freed by reference counting; with a
 # young generation of 700 the collector ran ~60 times a second, and each tenth pass moved
 # in-flight objects to the middle generation, whose growth set off full collections of the
-# whole state. 60 000 messages, one worker: 5.4 -> 2.0 s in the collector (of ~52 s of CPU);
-# full collections 37 -> 11 (the rest are Faust's own `gc.collect()` on a revoke or a stop).
+# whole state. 60 000 messages, one worker, two runs each: 5.5 and 6.0 -> 1.6 s in the
+# collector (of ~50 s of CPU); full collections 37-38 -> 10 (those left are Faust's own
+# `gc.collect()` at a revoke and at a stop).
 GC_THRESHOLDS = (20_000, 20, 10)
 
 
