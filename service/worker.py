@@ -770,6 +770,9 @@ def build_worker(
     async def state_sizes() -> None:
         if app.should_stop:  # timers can fire while the worker stops
             return
+        # The key counts and the holdings are counted once after each assignment, when the
+        # recovered records are all there; from then on every write keeps them (a scan of the
+        # keys, or every record decoded, at each refresh was O(state)).
         ready = worker.ready()
         for name, table in (
             ("dedup", dedup_table),
@@ -778,15 +781,11 @@ def build_worker(
         ):
             held = table.keys_held()
             if held is None and ready:
-                # Once after each assignment, when the recovered records are all there: from
-                # then on every write keeps the count (a scan each time was O(state)).
                 held = table.count_keys()
             if held is not None:
                 metrics.state_keys.labels(table=name).set(held)
         holdings = worker.holdings
         if not holdings.known and ready:
-            # Once after each assignment, when the recovered records are all there: from then
-            # on every write keeps the counts (decoding every record each time was O(state)).
             holdings.count(customers.values())
         if holdings.known:
             metrics.customers.set(holdings.customers)
