@@ -57,6 +57,15 @@ def mark_handled(message: Message) -> None:
     _HANDLED.add(message)
 
 
+def forget_acks(consumer: Consumer) -> None:
+    """Forget every acknowledgement not committed yet, of every partition: none of them may
+    be committed (see `service.fence.guard_commits`); their messages are read again from the
+    committed offsets."""
+    consumer._acked.clear()
+    consumer._acked_index.clear()
+    consumer._n_acked = 0
+
+
 def install() -> None:
     """Patch Faust's acknowledgements, commits and seeks (once per process)."""
     if getattr(Event, "_cx_guarded", False):
@@ -98,6 +107,10 @@ async def _seek_to_committed(thread: Any) -> Any:
             consumer.seek(tp, beginnings[tp])
             starts[tp] = beginnings[tp]
     _STARTS[thread.consumer] = {_key(tp): start for tp, start in starts.items()}
+    # Every partition is read again from its commit: a commit's wait from before is void. Kept,
+    # its readings and its age would count towards taking offsets for empty at once (`_behind`).
+    for key in [key for key in _WAITING if key[0] == id(thread.consumer)]:
+        del _WAITING[key]
     return committed
 
 

@@ -17,6 +17,10 @@ the partition's next owner reads again. Sent late, they would land after the suc
 records: a dead letter or an output twice, a changelog record over a newer one, and (found by
 tests/reliability/test_rebalance.py) a delivered changelog offset past the successor's
 records, from which this worker would later restore the table, skipping them.
+
+Once records were dropped, no offset is committed until partitions are assigned again
+(`guard_commits`): the messages they came from were acknowledged, and the broker may still
+take a commit from a member it has not evicted yet (a worker stopping while stale).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka.consumer.group_coordinator import GroupCoordinator
+from faust.transport.consumer import Consumer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ class SessionFence:
         self.session_timeout = session_timeout
         self.clock = clock
         self.confirmed_at: float | None = None  # None: not in a group yet (nothing to fence)
+        # The producer's gate dropped records since partitions were last assigned: nothing
+        # may be committed until they are assigned again (`guard_commits`).
+        self.dropped = False
 
     def confirm(self) -> None:
         """A heartbeat was answered, or partitions were assigned: the session is current."""
@@ -90,6 +98,33 @@ def register(app: Any, group_id: str, fence: SessionFence) -> None:
 
     setattr(GroupCoordinator, "_do_heartbeat", heartbeat)  # noqa: B010 - monkeypatch on purpose
     setattr(GroupCoordinator, "_cx_fenced", True)  # noqa: B010
+    guard_commits()
+
+
+def guard_commits() -> None:
+    """Have Faust's commit flush the producer first, as it does, then commit nothing when the
+    gate dropped records (now or since the last assignment): their messages were acknowledged
+    but their records never sent, and they are read again from the last commit (once per
+    process)."""
+    if getattr(Consumer, "_cx_guarded_commits", False):
+        return
+    original = Consumer._commit_offsets
+
+    async def commit_offsets(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
+        found = _APP_FENCES.get(self.app)
+        if found is not None:
+            await self.app.producer.flush()  # a drop shows here (the commit flushes again)
+            if found.dropped:
+                log.warning(
+                    "commit skipped: records were dropped when the session expired; their "
+                    "messages are read again",
+                    extra={"partitions": len(offsets)},
+                )
+                return False
+        return bool(await original(self, offsets, start_new_transaction))
+
+    setattr(Consumer, "_commit_offsets", commit_offsets)  # noqa: B010 - monkeypatch on purpose
+    setattr(Consumer, "_cx_guarded_commits", True)  # noqa: B010
 
 
 def refuse_if_stale(app: Any) -> None:
@@ -126,8 +161,9 @@ def gate_producer(
             holding = True
             log.warning("session stale: the producer holds its records until a heartbeat is "
                         "answered or the group rebalances")  # fmt: skip
-        if rebalancing():
-            dropped += _drop_batches(accumulator)
+        if rebalancing() and (count := _drop_batches(accumulator)):
+            dropped += count
+            fence.dropped = True
         # As aiokafka's own drain does: a fresh waiter for new data, and a wake-up to look
         # again (here: whether the session was confirmed meanwhile).
         if not accumulator._waiter_future.done():

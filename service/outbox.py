@@ -27,10 +27,13 @@ again under another key, which a merge's lost absorb explains.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from aiokafka.structs import RecordMetadata
+
+from service.fence import Fenced
 
 Headers = list[tuple[str, bytes]] | None
 # Told how a record ended: (its batch's first RecordMetadata, the record's index in the batch,
@@ -132,18 +135,26 @@ class Outbox:
         while self.full():
             self._start()
             if self._draining is not None:
-                await asyncio.shield(self._draining)
+                await _settled(self._draining)
             if self.full() and self._deferred is not None:
-                await asyncio.shield(self._deferred)
+                await _settled(self._deferred)
 
     async def drain(self) -> None:
         """Hand every record queued so far to the producer (not: wait for its delivery; but
         records added `after_delivery` wait for the delivery of those before them)."""
         self._start()
         if self._draining is not None:
-            await asyncio.shield(self._draining)
+            await _settled(self._draining)
         if self._deferred is not None:  # set by the hand-over just awaited
-            await asyncio.shield(self._deferred)
+            await _settled(self._deferred)
+
+    def forget_fenced(self) -> None:
+        """Partitions assigned again after records were dropped with `Fenced`: those failures
+        belong to the messages of the generation before, which are read again, and records
+        added from now on do not wait for them. Records still queued `after_delivery` from
+        before it take them with them (they are that generation's too)."""
+        if not self.later:
+            self._unconfirmed = [f for f in self._unconfirmed if not _fenced(f)]
 
     def _start(self) -> None:
         """Start a hand-over of what is queued, unless one started is about to take it."""
@@ -234,6 +245,19 @@ def _fail(records: list[_Record], exc: BaseException) -> None:
 def _error(future: asyncio.Future[Any]) -> BaseException | None:
     """A settled future -> its error (a cancellation as CancelledError), None if delivered."""
     return asyncio.CancelledError() if future.cancelled() else future.exception()
+
+
+def _fenced(future: asyncio.Future[Any]) -> bool:
+    return future.done() and isinstance(_error(future), Fenced)
+
+
+async def _settled(hand_over: asyncio.Future[None]) -> None:
+    """Wait for a hand-over. One that ended in `Fenced` met records the producer's gate
+    dropped (`service.fence`): it told them, and their messages are read again, so it is not
+    the flush's error (raised into Faust's flush while partitions are revoked, it crashed
+    the worker; before a commit, `fence` skips the commit instead)."""
+    with contextlib.suppress(Fenced):
+        await asyncio.shield(hand_over)
 
 
 def _unsettled(future: asyncio.Future[Any]) -> bool:

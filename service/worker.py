@@ -20,6 +20,7 @@ from typing import Any, cast
 import faust
 import orjson
 from faust.sensors.monitor import Monitor
+from faust.transport.consumer import Consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from faust.types.tuples import Message
@@ -497,6 +498,13 @@ def build_worker(
             gate_producer(cast(Any, app.producer)._ensure_producer(), fence, rebalancing)
         worker.assigned_once = True
         worker.holdings.known = False  # other partitions, recovered from their changelogs
+        if fence.dropped:
+            # Records of the generation before were dropped: none of its acknowledgements
+            # may be committed (those messages are read again), nor its failures fail the
+            # records of this one.
+            delivery.forget_acks(cast(Consumer, app.consumer))
+            outbox.forget_fenced()
+            fence.dropped = False
         fence.confirm()  # a group just synced: the session is current
 
     def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -2,7 +2,9 @@
 order, with each record's offset, partition and headers as a plain `send` would give them;
 the producer's flush drains it first; a stopped producer fails the records, never drops them
 silently. Changelog records reach the producer only after the records before them are
-delivered, fail when one of those failed, and count towards a full outbox while they wait."""
+delivered, fail when one of those failed, and count towards a full outbox while they wait.
+Records the producer's gate drops (`Fenced`) fail only the records of their generation, and
+never the flush."""
 
 from __future__ import annotations
 
@@ -197,7 +199,7 @@ async def test_a_changelog_record_waits_for_the_delivery_of_the_records_before_i
 
 @asynccontextmanager
 async def _stale_producer(
-    bootstrap: str, *, rebalancing: bool
+    bootstrap: str, *, rebalancing: bool | list[bool]
 ) -> AsyncIterator[tuple[AIOKafkaProducer, SessionFence]]:
     """A producer behind the worker's gate, whose session is stale: it holds what it is given
     (dropped with `Fenced` when `rebalancing`) until the fence is confirmed again."""
@@ -206,7 +208,8 @@ async def _stale_producer(
     now = [0.0]
     fence = SessionFence(session_timeout=10, clock=lambda: now[0])
     fence.confirm()
-    gate_producer(producer, fence, rebalancing=lambda: rebalancing)
+    flag = rebalancing if isinstance(rebalancing, list) else [rebalancing]
+    gate_producer(producer, fence, rebalancing=lambda: flag[0])
     now[0] = 11  # no heartbeat answered for a session timeout
     assert fence.stale()
     try:
@@ -236,6 +239,50 @@ async def test_a_changelog_record_after_a_dropped_output_is_dropped_too(
         assert isinstance(change.exception(), Fenced)
         after = await _change(send, changelog, 0, b"k", b"a later change")
         assert (await asyncio.wait_for(after, timeout=10)).offset == 0  # nothing before it
+
+
+async def test_a_flush_that_meets_dropped_records_ends_without_raising(
+    broker: EmbeddedBroker,
+) -> None:
+    """Two changelog hand-overs to one partition, the first held by the gate: the second
+    waits in the producer for the first batch to go, and the gate drops that batch when the
+    group rebalances. Both records are told `Fenced`, and the flush (which Faust awaits while
+    partitions are revoked, and before every commit) returns: it raised `Fenced`, which
+    crashed the worker (found by pausing a worker under 300 messages/s)."""
+    changelog = await _topic(broker.bootstrap, 1)
+    rebalancing = [False]
+    async with _stale_producer(broker.bootstrap, rebalancing=rebalancing) as (producer, fence):
+        box = Outbox(lambda: producer)
+        send = producer_changelog_send(box)
+        first = await _change(send, changelog, 0, b"k", b"first")
+        await asyncio.sleep(0.05)  # handed over, and held by the gate
+        second = await _change(send, changelog, 0, b"k", b"second")
+        await asyncio.sleep(0.05)  # its hand-over waits for the first batch to leave
+        rebalancing[0] = True
+        await asyncio.wait_for(box.drain(), timeout=10)
+        assert isinstance(first.exception(), Fenced)
+        assert isinstance(second.exception(), Fenced)
+        assert fence.dropped
+
+
+async def test_once_assigned_again_a_change_does_not_wait_for_dropped_records(
+    broker: EmbeddedBroker,
+) -> None:
+    """An output dropped (`Fenced`) with no changelog record behind it: once partitions are
+    assigned again (`forget_fenced`), the next change is sent. Before, it failed with the
+    error of the generation before, though its own message was acknowledged: the change was
+    then only in the local store, discarded at the next rebalance."""
+    topic = await _topic(broker.bootstrap, 1)
+    changelog = await _topic(broker.bootstrap, 1)
+    async with _stale_producer(broker.bootstrap, rebalancing=True) as (producer, fence):
+        box = Outbox(lambda: producer)
+        output = box.add(topic, 0, b"k", b"output")
+        await asyncio.wait((output,), timeout=10)
+        assert isinstance(output.exception(), Fenced)
+        box.forget_fenced()
+        fence.confirm()
+        change = await _change(producer_changelog_send(box), changelog, 0, b"k", b"change")
+        assert (await asyncio.wait_for(change, timeout=10)).offset == 0
 
 
 async def test_records_waiting_for_delivery_count_towards_a_full_outbox(

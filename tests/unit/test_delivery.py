@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -168,6 +169,29 @@ async def test_offsets_that_rereading_never_brings_are_taken_for_empty(
     assert all(r is None for r in results[:-1])
     assert len(seeks) >= delivery.GAP_REREADS
     assert (len(results) - 1) * (delivery.REREAD_AFTER + 0.5) > delivery.GAP_AFTER
+
+
+async def test_a_wait_from_before_an_assignment_does_not_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A commit waited at offset 5 for over GAP_AFTER seconds, read again GAP_REREADS times,
+    then the group rebalanced: the partition is read again from 5, and the wait starts over.
+    Kept, the next commit would have taken 5 and 6 for empty at once."""
+    clock = [1000.0]
+    monkeypatch.setattr(delivery.time, "monotonic", lambda: clock[0])
+    consumer = FakeConsumer(committed=5, acked=[7, 8])
+    old = delivery._Wait(5, since=0.0, last_read=0.0, rereads=delivery.GAP_REREADS)
+    delivery._WAITING[(id(consumer), PART)] = old
+
+    class Client:  # aiokafka's consumer: every partition has a committed offset
+        async def seek_to_committed(self) -> dict[Any, int]:
+            return {PART: 5}
+
+    thread = SimpleNamespace(consumer=consumer, _ensure_consumer=Client)
+    await delivery._seek_to_committed(thread)
+    assert consumer.new_offset() is None  # still waiting for 5 (and 6)
+    assert delivery._WAITING[(id(consumer), PART)] == delivery._Wait(5, 1000.0, 1000.0)
+    del delivery._WAITING[(id(consumer), PART)]
 
 
 async def test_faust_inferred_gaps_are_ignored() -> None:
