@@ -381,9 +381,15 @@ def discard_unless_clean(data_dir: Path, tables_dir: Path) -> bool:
     return True
 
 
-def mark_clean_stop(data_dir: Path) -> None:
-    """Record that this run stopped cleanly: its local tables match their changelogs."""
+def mark_clean_stop(data_dir: Path, tables: Iterable[BufferedTable] = ()) -> bool:
+    """Record that this run stopped cleanly: its local tables match their changelogs -> True.
+    Not when one of `tables` has a partition whose changelog records were dropped (a stop
+    while the session was stale, `BufferedTable.untrusted`): it holds writes its changelog
+    lacks, so the next start rebuilds the tables from their changelogs -> False."""
+    if any(table.untrusted for table in tables):
+        return False
     (data_dir / CLEAN_STOP).write_text("local tables match their changelogs\n")
+    return True
 
 
 _CLIENT_KWARGS: weakref.WeakKeyDictionary[faust.App, dict[str, Any]] = weakref.WeakKeyDictionary()

@@ -45,6 +45,17 @@ def test_a_crash_after_a_clean_restart_is_caught(tmp_path: Path) -> None:
     assert discard_unless_clean(tmp_path, tables)
 
 
+def test_a_stop_with_dropped_changelog_records_is_not_clean(tmp_path: Path) -> None:
+    """Stopped while its session was stale: the gate dropped changelog records of partition 1,
+    whose local database holds writes its changelog lacks."""
+    tables = _tables(tmp_path)
+    table = Delivered()
+    table.untrusted.add(1)
+    assert not mark_clean_stop(tmp_path, [cast(Any, Delivered()), cast(Any, table)])
+    assert discard_unless_clean(tmp_path, tables)
+    assert mark_clean_stop(tmp_path, [cast(Any, Delivered())])
+
+
 def test_a_first_start_has_nothing_to_discard(tmp_path: Path) -> None:
     assert not discard_unless_clean(tmp_path, tmp_path / "v1" / "tables")
     assert list(tmp_path.iterdir()) == []
