@@ -55,7 +55,7 @@ def tune_gc() -> None:
 def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     """Run a worker (plus `extra_services`) until SIGTERM/SIGINT -> exit code."""
     from service.kafka import ensure_topics, missing_outputs
-    from service.storage import DISCARDED, BufferedTable, discard_unless_clean, mark_clean_stop
+    from service.storage import DISCARDED, discard_unless_clean, mark_clean_stop
     from service.worker import build_worker, faust_worker_for
 
     try:
@@ -89,8 +89,7 @@ def run_worker(settings: Settings, *extra_services: ServiceT) -> int:
     except SystemExit as exc:
         code = int(exc.code or 0)
     if code == 0:
-        tables = [t for t in worker.app.tables.values() if isinstance(t, BufferedTable)]
-        mark_clean_stop(settings.data_dir, tables)
+        mark_clean_stop(settings.data_dir, worker.tables)
     return code
 
 

@@ -284,6 +284,7 @@ class Worker:
     metrics_state: MetricsState = field(default_factory=MetricsState)
     holdings: Holdings = field(default_factory=Holdings)  # counts of the local customer records
     partials_table: Any = None
+    tables: list[BufferedTable] = field(default_factory=list)  # every table, once declared
     indexes: dict[int, dict[str, ExpiryIndex]] = field(default_factory=dict)
     assigned_once: bool = False
     broker_up: bool = True
@@ -692,7 +693,7 @@ def build_worker(
                 # before): forgetting there again, after it, keeps it from coming back.
                 await to_customer(str(record["alias_of"]), {"t": "forget"})
 
-    tables: list[BufferedTable] = []  # every table, once all are declared
+    tables = worker.tables  # filled once every table is declared (below)
 
     def agent(stage: str, handle: Callable[[Message], Awaitable[None]]) -> Any:
         async def run(stream: faust.StreamT[bytes]) -> None:
