@@ -54,6 +54,13 @@ MAX_PENDING = 2_000
 LINGER, FULL = 0.002, 500
 
 
+def _fitted(data: bytes | None) -> bytes | None:
+    """Bytes -> a copy of their own size. orjson's result keeps the 4 KiB buffer it was
+    written in (a 9-byte document held 4 KiB of memory), and the records of a stage waiting
+    here are mostly orjson's: up to `MAX_PENDING` of them, a key and a value each."""
+    return None if data is None else memoryview(data).tobytes()
+
+
 class Outbox:
     """Records for an aiokafka producer (`producer()`, once started), handed to it a batch
     per partition `LINGER` after the first of them was queued (or once `FULL` are), and by
@@ -102,7 +109,7 @@ class Outbox:
         handed to the producer only once every record added before it without that flag is
         delivered; failed, unsent, if one of them failed."""
         (self.later if after_delivery else self.records).append(
-            (topic, partition, key, value, headers, done)
+            (topic, partition, _fitted(key), _fitted(value), headers, done)
         )
         if len(self.records) + len(self.later) >= FULL:
             self._start()
