@@ -107,7 +107,9 @@ def wire_metrics(
 
     def merger() -> Merger:
         if state.merger is None:
-            state.merger = Merger()
+            # The partials table holds every aggregate the merger does: read back from it
+            # when replaced, not kept a second time in memory.
+            state.merger = Merger(stored=lambda key: partials_table[partial_key(*key)]["agg"])
             summed = []
             for key, value in partials_table.items():
                 if value["scope"] in CHANNELS:

@@ -19,7 +19,7 @@ functions as the reference, from the same numbers.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -54,6 +54,8 @@ from service.metrics import (
 )
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A partition's aggregate of one minute and channel, in the merger: (partition, scope, minute)
+PartialKey = tuple[int, Scope, int]
 _COUNTERS = (
     "customers", "nps", "csat", "ces", "sentiment", "kinds", "resolution",
     "closed_accounts", "detractors",
@@ -440,10 +442,16 @@ class Merger:
     rebuilt only when the window end moves to another minute: an emit tick costs the number of
     scopes and windows, not the events in them."""
 
-    # partial key -> (the version it was sent at: the last offset its partition had applied,
-    # the aggregate as JSON). Encoded: a few hundred bytes instead of a few kilobytes of
-    # objects, and it is only read again when the partial is replaced.
-    partials: dict[tuple[int, Scope, int], tuple[int, bytes]] = field(default_factory=dict)
+    # partial key -> the version it was sent at: the last offset its partition had applied
+    versions: dict[PartialKey, int] = field(default_factory=dict)
+    # partial key -> the aggregate as JSON, read again only when the partial is replaced.
+    # Encoded: a few hundred bytes instead of a few kilobytes of objects. Unused with `stored`.
+    encoded: dict[PartialKey, bytes] = field(default_factory=dict)
+    # Where the aggregates are read back from instead, when they are kept elsewhere already
+    # (the worker's partials table): partial key -> the aggregate's JSON, decoded.
+    stored: Callable[[PartialKey], dict[str, Any]] | None = field(
+        default=None, compare=False, repr=False
+    )
     totals: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
     watermarks: dict[int, datetime] = field(default_factory=dict)
     # (scope, window) -> its total, for windows ending at `windows_end` (a minute number)
@@ -476,10 +484,10 @@ class Merger:
         if scope not in CHANNELS:
             raise ValueError(f"partials are per channel, not {scope!r}: the merger sums 'all'")
         key = (partition, scope, minute)
-        held = self.partials.get(key)
-        if held is not None and version < held[0]:
+        held = self.versions.get(key)
+        if held is not None and version < held:
             return False
-        change = agg if held is None else agg.minus(MinuteAgg.from_json(orjson.loads(held[1])))
+        change = agg if held is None else agg.minus(self._held(key))
         for counted in _scopes(scope):
             total = self.totals.get((counted, minute))
             if total is None:
@@ -491,14 +499,22 @@ class Merger:
                     for counted in _scopes(scope):
                         self.windows[(counted, window)].add(change)
                         _move(self.resolutions[(counted, window)], change.resolution)
-        if encoded is None:
-            encoded = orjson.dumps(agg.to_json())
-        # Copied to its own size: orjson's result keeps its 4 KiB buffer.
-        self.partials[key] = (version, memoryview(encoded).tobytes())
+        self.versions[key] = version
+        if self.stored is None:
+            if encoded is None:
+                encoded = orjson.dumps(agg.to_json())
+            # Copied to its own size: orjson's result keeps its 4 KiB buffer.
+            self.encoded[key] = memoryview(encoded).tobytes()
         self.oldest = minute if self.oldest is None else min(self.oldest, minute)
         if partition not in self.watermarks or watermark > self.watermarks[partition]:
             self.watermarks[partition] = watermark
         return True
+
+    def _held(self, key: PartialKey) -> MinuteAgg:
+        """The aggregate held for a partial key (one is)."""
+        if self.stored is not None:
+            return MinuteAgg.from_json(self.stored(key))
+        return MinuteAgg.from_json(orjson.loads(self.encoded[key]))
 
     @property
     def window_end(self) -> datetime | None:
@@ -578,16 +594,17 @@ class Merger:
         """Drop minutes no window can reach any more -> the partial keys dropped."""
         if self.oldest is None or self.oldest >= minute:
             return []
-        gone = [key for key in self.partials if key[2] < minute]
+        gone = [key for key in self.versions if key[2] < minute]
         for key in gone:
-            del self.partials[key]
+            del self.versions[key]
+            self.encoded.pop(key, None)
         # A minute the held windows still count keeps its total until they slide past it
         # (`_slide` takes it away): the windows move on only at the next snapshot.
         if self.windows_end is not None:
             minute = min(minute, self.windows_end - LONGEST_SPAN)
         for total_key in [key for key in self.totals if key[1] < minute]:
             del self.totals[total_key]
-        self.oldest = min((key[2] for key in self.partials), default=None)
+        self.oldest = min((key[2] for key in self.versions), default=None)
         return gone
 
 
