@@ -8,8 +8,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.canonical import format_utc_millis, to_utc_millis
+from service.canonical import _utc_millis_only, format_utc_millis, to_utc_millis
 from service.raw._common import (
     parse_epoch_ms,
     parse_epoch_s,
@@ -323,3 +325,41 @@ def test_format_utc_millis_shape() -> None:
 def test_to_utc_millis_crosses_the_date_line() -> None:
     value = parse_rfc3339("2027-01-01T05:00:00.999999+14:00")
     assert to_utc_millis(value) == datetime(2026, 12, 31, 15, 0, 0, 999000, tzinfo=UTC)
+
+
+_OFFSETS = st.sampled_from([UTC, timezone(timedelta(0)), timezone(timedelta(hours=-3)),
+                            timezone(timedelta(hours=5, minutes=45)), BERLIN])  # fmt: skip
+# Wall times, given their zone below (hypothesis takes naive bounds)
+_MOMENTS = st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30))  # noqa: DTZ001
+
+
+@settings(max_examples=300)
+@given(moment=_MOMENTS, zone=_OFFSETS)  # fmt: skip
+def test_format_utc_millis_is_the_utc_instant_in_every_zone(moment: datetime, zone: Any) -> None:
+    """Any aware datetime -> its UTC instant, truncated to the millisecond; the same text
+    whatever zone it is written in (UTC itself takes a shorter path)."""
+    value = moment.replace(tzinfo=zone)
+    utc = value.astimezone(UTC)
+    expected = f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+    assert format_utc_millis(value) == expected
+    assert format_utc_millis(utc) == expected
+    assert format_utc_millis(utc.astimezone(timezone(timedelta(0)))) == expected
+
+
+@settings(max_examples=300)
+@given(moment=_MOMENTS, zone=_OFFSETS, to_the_milli=st.booleans())  # fmt: skip
+def test_a_utc_millis_field_takes_only_utc_to_the_millisecond(
+    moment: datetime, zone: Any, to_the_milli: bool
+) -> None:
+    """A `UtcMillis` field -> the same instant in `UTC`; refused unless the value is at
+    offset zero and to the millisecond."""
+    if to_the_milli:
+        moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    value = moment.replace(tzinfo=zone)
+    if value.utcoffset() == timedelta(0) and value.microsecond % 1000 == 0:
+        kept = _utc_millis_only(value)
+        assert kept == value
+        assert kept.tzinfo is UTC
+    else:
+        with pytest.raises(ValueError, match="millisecond"):
+            _utc_millis_only(value)
