@@ -125,43 +125,60 @@ def wire_metrics(
         touchpoint = Touchpoint.model_validate_json(message.value or b"")
         partition = message.partition
         parts = aggregator(partition)
-        late_before = parts.late
-        changed = parts.apply(touchpoint)
-        # Whatever it did, the aggregates now reflect every event up to this offset.
-        state.versions[partition] = max(state.versions.get(partition, -1), message.offset)
-        if parts.late != late_before:
-            metrics.late.labels(channel=touchpoint.channel).inc()
-            return
-        if not changed:
-            return  # an event id already counted
-        # One record per event: a record per minute grew with the minute's traffic, and each
-        # event wrote it whole again (quadratic under a steady rate).
-        minute = minute_of(touchpoint.occurred_at)
-        record = orjson.loads(message.value)
-        record[OFFSET] = message.offset
-        events_table[f"{partition}|{minute}|{touchpoint.event_id}"] = record
-        state.dirty.setdefault(partition, set()).update(changed)
-        if parts.watermark is not None:
-            gone = parts.forget_before(minute_of(parts.watermark - KEEP))
-            for minute, event_id in gone:
-                events_table.pop(f"{partition}|{minute}|{event_id}", None)
-            for minute in {minute for minute, _ in gone}:
-                events_table.pop(f"{partition}|{minute}", None)  # a 0.1.0 minute record
+        try:
+            late_before = parts.late
+            changed = parts.apply(touchpoint)
+            # Whatever it did, the aggregates now reflect every event up to this offset.
+            state.versions[partition] = max(state.versions.get(partition, -1), message.offset)
+            if parts.late != late_before:
+                metrics.late.labels(channel=touchpoint.channel).inc()
+                return
+            if not changed:
+                return  # an event id already counted
+            # One record per event: a record per minute grew with the minute's traffic, and each
+            # event wrote it whole again (quadratic under a steady rate).
+            minute = minute_of(touchpoint.occurred_at)
+            record = orjson.loads(message.value)
+            record[OFFSET] = message.offset
+            events_table[f"{partition}|{minute}|{touchpoint.event_id}"] = record
+            state.dirty.setdefault(partition, set()).update(changed)
+            if parts.watermark is not None:
+                gone = parts.forget_before(minute_of(parts.watermark - KEEP))
+                for minute, event_id in gone:
+                    events_table.pop(f"{partition}|{minute}|{event_id}", None)
+                for minute in {minute for minute, _ in gone}:
+                    events_table.pop(f"{partition}|{minute}", None)  # a 0.1.0 minute record
+        except Fenced:
+            # A table write refused (the session expired) after the aggregates took the
+            # event: they are ahead of their table, and read again (released, never
+            # acknowledged) the event would find its id counted and never reach the table.
+            # Rebuilt from the table at the next event, they take it as the first time.
+            state.parts.pop(partition, None)
+            state.versions.pop(partition, None)
+            raise
 
     async def handle_partial(message: Any) -> None:
         """A partition's minute aggregates -> the merger (each replacing the one before)."""
         merged = merger()
-        for key, value in unbatch(orjson.loads(message.value or b"{}")):
-            if value["scope"] not in CHANNELS:
-                continue  # "all", sent by an earlier version: the merger sums it itself
-            if _receive(merged, value):
-                partials_table[key] = value
-            else:
-                metrics.stale_partials.inc()
-        end = merged.window_end
-        if end is not None:
-            for partition, scope, minute in merged.forget_before(minute_of(end - LONGEST)):
-                partials_table.pop(partial_key(partition, scope, minute), None)
+        try:
+            for key, value in unbatch(orjson.loads(message.value or b"{}")):
+                if value["scope"] not in CHANNELS:
+                    continue  # "all", sent by an earlier version: the merger sums it itself
+                if _receive(merged, value):
+                    partials_table[key] = value
+                else:
+                    metrics.stale_partials.inc()
+            end = merged.window_end
+            if end is not None:
+                for partition, scope, minute in merged.forget_before(minute_of(end - LONGEST)):
+                    partials_table.pop(partial_key(partition, scope, minute), None)
+        except Fenced:
+            # A table write refused (the session expired) after the merger took the partial:
+            # the merger is ahead of its table, from which it reads what it replaces. Rebuilt
+            # from the table, it takes this message again as the first time when it is read
+            # again (released: never acknowledged).
+            state.merger = None
+            raise
 
     def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         state.parts.clear()

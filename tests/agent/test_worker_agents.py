@@ -30,6 +30,7 @@ from faust.types.tuples import Message
 from prometheus_client import CollectorRegistry
 
 import service.worker
+from service import storage
 from service.canonical import (
     Identifier,
     Normalized,
@@ -47,6 +48,7 @@ from service.deadletter import (
     HEADER_TOPIC,
     read_headers,
 )
+from service.fence import Fenced
 from service.forget import FORGET_KEY, forget_command
 from service.identity import IdentityGraph, is_placeholder, provisional_key
 from service.metrics import Derived
@@ -1561,3 +1563,75 @@ def test_worker_logging_stays_at_the_configured_level(
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
+
+
+async def test_a_partial_whose_table_write_is_refused_counts_once_when_read_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session expires between the merger taking a partial and its table write: the
+    message is released, and read again it replaces what the table holds, once (the merger
+    reads the aggregate it replaces from the table)."""
+    minute = int(NOW.timestamp() // 60)
+    one = touchpoint("web:f-1", NOW, 0, "C-1")
+    first, second = MinuteAgg.of(one, Derived()), MinuteAgg()
+    for event in (one, touchpoint("web:f-2", NOW, 1, "C-2")):
+        second.add(MinuteAgg.of(event, Derived()))
+    key = f"2|web|{minute}"
+
+    def partial(agg: MinuteAgg, version: int) -> bytes:
+        return orjson.dumps({
+            "p": 2, "scope": "web", "minute": minute, "agg": agg.to_json(),
+            "wm": int(NOW.timestamp() * 1000), "v": version,
+        })  # fmt: skip
+
+    refusals = [Fenced("session expired: table write refused")]
+
+    def refuse_once(app: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+
+    async with harness.worker.agents["merger"].test_context() as agent:
+        await feed(agent, "cx.internal.partials", key.encode(), partial(first, 5), 0, 0)
+        monkeypatch.setattr(storage, "refuse_if_stale", refuse_once)
+        await feed(agent, "cx.internal.partials", key.encode(), partial(second, 9), 0, 1)
+        assert harness.count("cxpulse_messages_released_total", stage="merger") == 1
+        assert harness.worker.app.tables["partials"][key]["v"] == 5
+        await feed(agent, "cx.internal.partials", key.encode(), partial(second, 9), 0, 1)
+    merger = harness.worker.metrics_state.merger
+    assert merger is not None
+    assert {s.key: s.events for s in merger.snapshots(30, NOW)}["all/1h"] == 2
+    assert harness.worker.app.tables["partials"][key]["v"] == 9
+    assert harness.fatal == []
+
+
+async def test_an_event_whose_table_write_is_refused_reaches_the_table_when_read_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session expires between a metrics partition counting an event and its table
+    write: released, and read again, the event is counted once and kept in the table (from
+    which the partition is rebuilt after a restart)."""
+    state = harness.worker.metrics_state
+    minute = int(NOW.timestamp() // 60)
+    first = touchpoint("web:r-1", NOW, 0, "C-1").model_dump_json().encode()
+    second = touchpoint("web:r-2", NOW, 1, "C-2").model_dump_json().encode()
+    refusals = [Fenced("session expired: table write refused")]
+
+    def refuse_once(app: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+
+    async with harness.worker.agents["metrics"].test_context() as agent:
+        await feed(agent, "cx.internal.metrics", b"web:r-1", first, 2, 0)
+        monkeypatch.setattr(storage, "refuse_if_stale", refuse_once)
+        await feed(agent, "cx.internal.metrics", b"web:r-2", second, 2, 1)
+        assert harness.count("cxpulse_messages_released_total", stage="metrics") == 1
+        assert 2 not in state.parts  # rebuilt from the table at the next event
+        assert 2 not in state.versions
+        await feed(agent, "cx.internal.metrics", b"web:r-2", second, 2, 1)
+    table = harness.worker.app.tables["metrics"]
+    assert sorted(StrKeys(table)) == [f"2|{minute}|web:r-1", f"2|{minute}|web:r-2"]
+    bucket = state.parts[2].minutes[("web", minute)]
+    assert (bucket.events, len(bucket.customers)) == (2, 2)
+    assert ("web", minute) in state.dirty[2]
+    assert state.versions[2] == 1
+    assert harness.fatal == []
