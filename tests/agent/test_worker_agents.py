@@ -1369,6 +1369,25 @@ async def test_metrics_partition_version_is_restored_from_its_table(harness: Har
         assert state.versions[1] == 9  # the newest record's offset: 12 wrote nothing
 
 
+def web_partial(minute: int, agg: MinuteAgg, version: int) -> bytes:
+    """A partials message of partition 2's web aggregate of `minute`, at `version`."""
+    return orjson.dumps({
+        "p": 2, "scope": "web", "minute": minute, "agg": agg.to_json(),
+        "wm": int(NOW.timestamp() * 1000), "v": version,
+    })  # fmt: skip
+
+
+def refuse_one_table_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next table write is refused, as when the session has just expired."""
+    refusals = [Fenced("session expired: table write refused")]
+
+    def refuse_once(app: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+
+    monkeypatch.setattr(storage, "refuse_if_stale", refuse_once)
+
+
 async def test_merger_ignores_a_partial_older_than_the_one_it_holds(harness: Harness) -> None:
     """A worker paused past its session sends, when it resumes, what its producer held: an
     aggregate older than its successor's may come after it."""
@@ -1380,15 +1399,9 @@ async def test_merger_ignores_a_partial_older_than_the_one_it_holds(harness: Har
     older.add(MinuteAgg.of(one, Derived()))
     key = f"2|web|{minute}"
 
-    def partial(agg: MinuteAgg, version: int) -> bytes:
-        return orjson.dumps({
-            "p": 2, "scope": "web", "minute": minute, "agg": agg.to_json(),
-            "wm": int(NOW.timestamp() * 1000), "v": version,
-        })  # fmt: skip
-
     async with harness.worker.agents["merger"].test_context() as agent:
-        await feed(agent, "cx.internal.partials", key.encode(), partial(newer, 9), 0, 0)
-        await feed(agent, "cx.internal.partials", key.encode(), partial(older, 5), 0, 1)
+        await feed(agent, "cx.internal.partials", key.encode(), web_partial(minute, newer, 9), 0, 0)
+        await feed(agent, "cx.internal.partials", key.encode(), web_partial(minute, older, 5), 0, 1)
     merger = harness.worker.metrics_state.merger
     assert merger is not None
     assert {s.key: s.events for s in merger.snapshots(30, NOW)}["all/1h"] == 2
@@ -1578,25 +1591,17 @@ async def test_a_partial_whose_table_write_is_refused_counts_once_when_read_agai
         second.add(MinuteAgg.of(event, Derived()))
     key = f"2|web|{minute}"
 
-    def partial(agg: MinuteAgg, version: int) -> bytes:
-        return orjson.dumps({
-            "p": 2, "scope": "web", "minute": minute, "agg": agg.to_json(),
-            "wm": int(NOW.timestamp() * 1000), "v": version,
-        })  # fmt: skip
-
-    refusals = [Fenced("session expired: table write refused")]
-
-    def refuse_once(app: Any) -> None:
-        if refusals:
-            raise refusals.pop()
-
     async with harness.worker.agents["merger"].test_context() as agent:
-        await feed(agent, "cx.internal.partials", key.encode(), partial(first, 5), 0, 0)
-        monkeypatch.setattr(storage, "refuse_if_stale", refuse_once)
-        await feed(agent, "cx.internal.partials", key.encode(), partial(second, 9), 0, 1)
+        await feed(agent, "cx.internal.partials", key.encode(), web_partial(minute, first, 5), 0, 0)
+        refuse_one_table_write(monkeypatch)
+        await feed(
+            agent, "cx.internal.partials", key.encode(), web_partial(minute, second, 9), 0, 1
+        )
         assert harness.count("cxpulse_messages_released_total", stage="merger") == 1
         assert harness.worker.app.tables["partials"][key]["v"] == 5
-        await feed(agent, "cx.internal.partials", key.encode(), partial(second, 9), 0, 1)
+        await feed(
+            agent, "cx.internal.partials", key.encode(), web_partial(minute, second, 9), 0, 1
+        )
     merger = harness.worker.metrics_state.merger
     assert merger is not None
     assert {s.key: s.events for s in merger.snapshots(30, NOW)}["all/1h"] == 2
@@ -1614,15 +1619,9 @@ async def test_an_event_whose_table_write_is_refused_reaches_the_table_when_read
     minute = int(NOW.timestamp() // 60)
     first = touchpoint("web:r-1", NOW, 0, "C-1").model_dump_json().encode()
     second = touchpoint("web:r-2", NOW, 1, "C-2").model_dump_json().encode()
-    refusals = [Fenced("session expired: table write refused")]
-
-    def refuse_once(app: Any) -> None:
-        if refusals:
-            raise refusals.pop()
-
     async with harness.worker.agents["metrics"].test_context() as agent:
         await feed(agent, "cx.internal.metrics", b"web:r-1", first, 2, 0)
-        monkeypatch.setattr(storage, "refuse_if_stale", refuse_once)
+        refuse_one_table_write(monkeypatch)
         await feed(agent, "cx.internal.metrics", b"web:r-2", second, 2, 1)
         assert harness.count("cxpulse_messages_released_total", stage="metrics") == 1
         assert 2 not in state.parts  # rebuilt from the table at the next event
