@@ -56,8 +56,8 @@ LINGER, FULL = 0.002, 500
 
 def _fitted(data: bytes | None) -> bytes | None:
     """Bytes -> a copy of their own size. orjson's result keeps the 4 KiB buffer it was
-    written in (a 9-byte document held 4 KiB of memory), and the records of a stage waiting
-    here are mostly orjson's: up to `MAX_PENDING` of them, a key and a value each."""
+    written in (a document of a few bytes held 4 KiB of memory), and the records of a stage
+    waiting here are mostly orjson's: up to `MAX_PENDING` of them, a key and a value each."""
     return None if data is None else memoryview(data).tobytes()
 
 
