@@ -305,7 +305,7 @@ def _receive(merger: Merger, partial: dict[str, Any]) -> bool:
     return merger.receive(
         int(partial["p"]), partial["scope"], int(partial["minute"]),
         MinuteAgg.from_json(partial["agg"]), from_epoch_ms(int(partial["wm"])),
-        int(partial.get("v", -1)), orjson.dumps(partial["agg"]),
+        int(partial.get("v", -1)),
     )  # fmt: skip
 
 

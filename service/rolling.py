@@ -472,11 +472,9 @@ class Merger:
         agg: MinuteAgg,
         watermark: datetime,
         version: int = -1,
-        encoded: bytes | None = None,
     ) -> bool:
         """Replace one partition's aggregate of one minute (idempotent) -> False when it is
-        older than the one held (a lower `version`), and ignored. `encoded`: `agg` as the JSON
-        of its `to_json`, when the caller has it already.
+        older than the one held (a lower `version`), and ignored.
 
         A partition's aggregates at version V count exactly its events up to offset V,
         whichever worker sent them. An older one can come after a newer one: a worker paused
@@ -501,10 +499,8 @@ class Merger:
                         _move(self.resolutions[(counted, window)], change.resolution)
         self.versions[key] = version
         if self.stored is None:
-            if encoded is None:
-                encoded = orjson.dumps(agg.to_json())
             # Copied to its own size: orjson's result keeps its 4 KiB buffer.
-            self.encoded[key] = memoryview(encoded).tobytes()
+            self.encoded[key] = memoryview(orjson.dumps(agg.to_json())).tobytes()
         self.oldest = minute if self.oldest is None else min(self.oldest, minute)
         if partition not in self.watermarks or watermark > self.watermarks[partition]:
             self.watermarks[partition] = watermark
