@@ -4,6 +4,7 @@ stage finished) and its acknowledgement guard."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any
@@ -181,7 +182,7 @@ async def test_a_wait_from_before_an_assignment_does_not_count(
     monkeypatch.setattr(delivery.time, "monotonic", lambda: clock[0])
     consumer = FakeConsumer(committed=5, acked=[7, 8])
     old = delivery._Wait(5, since=0.0, last_read=0.0, rereads=delivery.GAP_REREADS)
-    delivery._WAITING[(id(consumer), PART)] = old
+    delivery._WAITING[consumer] = {PART: old}
 
     class Client:  # aiokafka's consumer: every partition has a committed offset
         async def seek_to_committed(self) -> dict[Any, int]:
@@ -190,8 +191,7 @@ async def test_a_wait_from_before_an_assignment_does_not_count(
     thread = SimpleNamespace(consumer=consumer, _ensure_consumer=Client)
     await delivery._seek_to_committed(thread)
     assert consumer.new_offset() is None  # still waiting for 5 (and 6)
-    assert delivery._WAITING[(id(consumer), PART)] == delivery._Wait(5, 1000.0, 1000.0)
-    del delivery._WAITING[(id(consumer), PART)]
+    assert delivery._WAITING[consumer] == {PART: delivery._Wait(5, 1000.0, 1000.0)}
 
 
 async def test_faust_inferred_gaps_are_ignored() -> None:
@@ -219,3 +219,16 @@ def test_read_offsets_let_a_message_read_again_through() -> None:
     offsets.floors[PART] = 3
     assert offsets.pop(PART) == 9
     assert PART not in offsets.floors
+
+
+async def test_a_commits_wait_goes_with_its_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer's waits are dropped with it: kept under its id, a consumer given that id
+    later inherited them (a wait's last reading far ahead of its clock: it never read again)."""
+    monkeypatch.setattr(delivery.time, "monotonic", lambda: 1000.0)
+    consumer = FakeConsumer(committed=5, acked=[7, 8])
+    assert consumer.new_offset() is None  # waits at 5
+    assert delivery._WAITING[consumer] == {PART: delivery._Wait(5, 1000.0, 1000.0)}
+    waits_before = len(delivery._WAITING)
+    del consumer
+    gc.collect()
+    assert len(delivery._WAITING) == waits_before - 1
