@@ -199,7 +199,7 @@ def core_ceiling(settings: Settings, batch: list[SimMessage]) -> dict[str, Any]:
     from service.canonical import Normalized, Source, Touchpoint
     from service.identity import IdentityGraph
     from service.parse import Limits
-    from service.profile import profile
+    from service.profile import profile_json
     from service.rolling import PartitionAggregator
     from service.timeline import Bounds, add_event
     from service.timeline import Record as CustomerRecord
@@ -232,7 +232,7 @@ def core_ceiling(settings: Settings, batch: list[SimMessage]) -> dict[str, Any]:
         record, _ = add_event(records.get(key), event, bounds)
         records[key] = record
         state = record["profile"]
-        profile(key, state, int(record["aliases"]), state["last"] or 0).model_dump_json()
+        profile_json(key, state, int(record["aliases"]), state["last"] or 0)
         alerts_for(event, key)
         metrics.apply(Touchpoint.model_validate_json(orjson.dumps(event)))
         filed += 1

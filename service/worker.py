@@ -45,7 +45,7 @@ from service.observability import Metrics
 from service.outbox import Done, Headers, Outbox, settle_future
 from service.outbox import install as install_outbox
 from service.parse import Limits, Rejected, parse
-from service.profile import profile
+from service.profile import profile, profile_json
 from service.settings import SecurityProtocol, Settings
 from service.storage import (
     BufferedTable,
@@ -625,8 +625,8 @@ def build_worker(
     async def publish_profile(key: str, record: Record) -> None:
         state = record["profile"]
         as_of = max(worker.latest_ms, state["last"] or 0)
-        view = profile(key, state, int(record["aliases"]), as_of)
-        await publish(worker.profiles_topic, key.encode(), view.model_dump_json().encode())
+        view = profile_json(key, state, int(record["aliases"]), as_of)
+        await publish(worker.profiles_topic, key.encode(), view)
 
     def put(key: str, before: Record | None, after: Record | None) -> None:
         """Write a customer record (None: delete it), keeping the holdings counts."""

@@ -13,7 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.canonical import Ratings, Source, Touchpoint
-from service.profile import CHURN_RULES, apply, churn, empty_state, merge, profile
+from service.profile import (
+    CHURN_RULES,
+    apply,
+    churn,
+    empty_state,
+    merge,
+    profile,
+    profile_json,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -358,3 +366,37 @@ def test_large_lifetime_value_still_gives_a_profile() -> None:
     biggest = "999999999999999.99"  # the largest amount a store event may carry
     state = state_of(tp(1, "purchase", amount=biggest), tp(2, "purchase", amount=biggest))
     assert Decimal(view(state).lifetime_value) > 0
+
+
+@settings(FAST, max_examples=120)
+@given(
+    split_histories(),
+    st.integers(0, 5),
+    st.integers(-DAY_MS, 200 * DAY_MS),
+    st.text(min_size=1, max_size=8),
+)
+def test_the_published_json_is_the_profile_model_s(
+    history: tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]],
+    aliases: int,
+    later_ms: int,
+    key: str,
+) -> None:
+    """The customer stage publishes `profile_json`; HTTP serves the model: byte for byte the
+    same, whatever the state and the evaluation time (inactivity included)."""
+    state = state_of(*history[0])
+    as_of = state["last"] + later_ms
+    assert profile_json(key, state, aliases, as_of) == (
+        profile(key, state, aliases, as_of).model_dump_json().encode()
+    )
+
+
+def test_the_published_json_of_a_large_lifetime_value() -> None:
+    biggest = "999999999999999.99"
+    state = state_of(tp(1, "purchase", amount=biggest), tp(2, "return", amount="0.01", minutes=1))
+    as_of = state["last"]
+    published = profile_json("C1", state, 0, as_of)
+    assert published == profile("C1", state, 0, as_of).model_dump_json().encode()
+    assert b'"lifetime_value":"999999999999999.98"' in published
+    assert b'"first_seen":"2026-03-01T12:00:00.000Z","last_seen":"2026-03-01T12:01:00.000Z"' in (
+        published
+    )
