@@ -132,6 +132,7 @@ class Resolution:
     key: str
     merges: list[str] = field(default_factory=list)  # old keys now aliases of `key`
     refused: int = 0
+    aliases: list[str] = field(default_factory=list)  # every alias of `key`, these included
 
 
 @dataclass
@@ -211,11 +212,8 @@ class IdentityGraph:
         for old in merged:
             del self.store[f"c|{old}"]
             self.store[f"a|{old}"] = {"to": key, "by": event_id}
-        linked = {
-            "members": sorted(set(all_members)),
-            "cid": chosen,
-            "aliases": sorted(set(aliases) | set(merged)),
-        }
+        all_aliases = sorted(set(aliases) | set(merged))
+        linked = {"members": sorted(set(all_members)), "cid": chosen, "aliases": all_aliases}
         if key not in joined or components[key] != linked:  # most events change nothing
             self.store[f"c|{key}"] = linked
         for member in set(all_members) - owned_elsewhere:
@@ -224,17 +222,16 @@ class IdentityGraph:
             owner = owners[member] if member in owners else self.store.get(member)
             if owner != key:
                 self.store[member] = key
-        return Resolution(key=key, merges=merged, refused=len(refused))
+        return Resolution(key, merged, len(refused), all_aliases)
 
-    def merges_by(self, key: str, event_id: str) -> list[str]:
-        """The aliases of a customer that one event's link created (to re-send on replay)."""
-        component = self.store.get(f"c|{key}")
-        if component is None:
-            return []
+    def merges_by(self, key: str, event_id: str, aliases: list[str] | None = None) -> list[str]:
+        """The aliases of a customer that one event's link created (to re-send on replay).
+        `aliases`: the customer's, when known (`Resolution.aliases`), else read."""
+        if aliases is None:
+            component = self.store.get(f"c|{key}")
+            aliases = [] if component is None else component["aliases"]
         return [
-            alias
-            for alias in component["aliases"]
-            if (self.store.get(f"a|{alias}") or {}).get("by") == event_id
+            alias for alias in aliases if (self.store.get(f"a|{alias}") or {}).get("by") == event_id
         ]
 
     def forget(self, key: str) -> Forgotten | None:

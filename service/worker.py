@@ -604,7 +604,7 @@ def build_worker(
                 )
             # A replay of the linking event re-sends its merges: the first sending may not
             # have reached the customer stage before a crash (absorbing twice is harmless).
-            merged = merged or graph.merges_by(key, event_id)
+            merged = merged or graph.merges_by(key, event_id, resolution.aliases)
         for alias in merged:
             await to_customer(alias, {"t": "merge", "into": key})
             announcement = IdentityMerge(

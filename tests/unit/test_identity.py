@@ -253,6 +253,11 @@ def test_merge_of_two_anonymous_customers() -> None:
     assert graph.merges_by(survivor, "web:2") == sorted(bridge.merges)
     assert graph.merges_by(survivor, "chat:1") == []
     assert graph.merges_by("anon-unknown", "web:2") == []
+    # A replay of the bridging event links nothing new, and finds its merges to re-send
+    # from the aliases the link returns.
+    replay = graph.link([a, e], "web:2")
+    assert (replay.key, replay.merges, replay.aliases) == (survivor, [], sorted(bridge.merges))
+    assert graph.merges_by(survivor, "web:2", replay.aliases) == sorted(bridge.merges)
 
 
 def test_sign_in_rekeys_anonymous_customer_to_customer_id() -> None:
@@ -403,7 +408,10 @@ def run_and_check(events: Sequence[tuple[str, Sequence[Identifier]]]) -> None:
     graph = IdentityGraph(store)
     returned: list[tuple[str, str]] = []
     for event_id, identifiers in events:
-        returned.append((event_id, graph.link(identifiers, event_id).key))
+        resolution = graph.link(identifiers, event_id)
+        # What the identity stage reads a replay's merges from, instead of the component
+        assert resolution.aliases == store[f"c|{resolution.key}"]["aliases"]
+        returned.append((event_id, resolution.key))
     expected = reference(identifiers for _, identifiers in events)
 
     # The partition and the keys.
