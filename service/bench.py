@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -144,13 +144,31 @@ def worker_env(bootstrap: str, prefix: str) -> dict[str, str]:
     return env
 
 
-def messages(count: int, seed: int, span: timedelta) -> list[SimMessage]:
-    """Realistic simulated traffic (about 2 % duplicates, 1 % bad), ending now."""
+def messages(
+    count: int, seed: int, span: timedelta, customers: int | None = None
+) -> list[SimMessage]:
+    """Realistic simulated traffic (about 2 % duplicates, 1 % bad), ending now, from a pool of
+    `customers` people (default: one per six messages)."""
     now = datetime.now(UTC)
+    pool = pool_for(count) if customers is None else customers
     return list(
-        generate(count, customers=max(100, count // 6), seed=seed, now=now, span=span,
+        generate(count, customers=pool, seed=seed, now=now, span=span,
                  dup_share=0.02, bad_share=0.01)
     )  # fmt: skip
+
+
+def pool_for(messages: int) -> int:
+    """The bench's default customer pool: about six messages a person."""
+    return max(100, messages // 6)
+
+
+def live_keys(records: Iterable[Record]) -> int:
+    """The records of a compacted topic, in offset order per partition -> how many keys it
+    holds a value for (a key's last record not a tombstone)."""
+    last: dict[bytes | None, bool] = {}
+    for record in records:
+        last[record.key] = record.value is not None
+    return sum(last.values())
 
 
 def _reader(bootstrap: str, topics: list[str]) -> Any:
@@ -419,11 +437,18 @@ def _run_settings(settings: Settings, bootstrap: str, prefix: str) -> Settings:
 
 
 def throughput(
-    settings: Settings, bootstrap: str, count: int, workers: int, seed: int = 8
+    settings: Settings,
+    bootstrap: str,
+    count: int,
+    workers: int,
+    seed: int = 8,
+    customers: int | None = None,
 ) -> dict[str, Any]:
-    """Preload `count` messages, time the baseline, then `workers` workers -> the report."""
+    """Preload `count` messages (from `customers` people), time the baseline, then `workers`
+    workers -> the report."""
     prefix = f"bench{int(time.time())}"
-    batch = messages(count, seed, timedelta(days=3))
+    pool = pool_for(count) if customers is None else customers
+    batch = messages(count, seed, timedelta(days=3), pool)
     accepted = len({m.event_id for m in batch if m.kind != "bad"})
     published_at = time.monotonic()
     run_settings = _run_settings(settings, bootstrap, prefix)
@@ -443,10 +468,15 @@ def throughput(
     topics = Topics(prefix)
     raw = asyncio.run(read_all(bootstrap, list(topics.raw_topics)))
     timeline = asyncio.run(read_all(bootstrap, [topics.timeline]))
+    profiles = asyncio.run(read_all(bootstrap, [topics.profiles]))
     return {
         "mode": "throughput",
         "messages": len(batch),
         "events": accepted,
+        # The state the peak RSS was measured with: customers with a record (a profile on
+        # the compacted topic, not merged away), of the people the simulator drew from.
+        "customers_in_state": live_keys(profiles),
+        "customer_pool": pool,
         "workers": workers,
         "preload_seconds": round(preload, 2),
         "seconds": round(seconds, 2),

@@ -232,7 +232,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rate = args.rate or 5000.0
             report = latency(settings, bootstrap, rate, args.events or int(rate * 30))
         else:
-            report = throughput(settings, bootstrap, args.events or 200_000, args.workers)
+            report = throughput(
+                settings, bootstrap, args.events or 200_000, args.workers, customers=args.customers
+            )
     finally:
         if broker is not None:
             broker.stop()
@@ -285,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--events", type=int, default=None, help="messages (default 200000; --latency: 30 s)"
     )
     bench.add_argument("--workers", type=int, default=1, help="workers to run at once")
+    bench.add_argument(
+        "--customers",
+        type=int,
+        default=None,
+        help="people the messages come from (default: a sixth of them)",
+    )
     bench.add_argument(
         "--latency", action="store_true", help="publish at --rate while one worker runs"
     )

@@ -37,6 +37,9 @@ def test_bench_prints_a_json_report(broker: EmbeddedBroker, tmp_path: Path) -> N
         report["events_per_s"] / report["baseline"]["events_per_s"], rel=0.01, abs=1e-6
     )
     assert report["exit_codes"] == [0]
+    assert report["customer_pool"] == 250  # a sixth of the messages
+    # one live profile per customer (not per event, nor per key merged away since)
+    assert 0 < report["customers_in_state"] < report["events"]
     assert report["peak_rss_mb"] > 0
     assert report["core_only"]["events"] == report["events"]  # same events, same verdicts
     floor = report["transport_floor"]

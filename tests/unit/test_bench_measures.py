@@ -1,13 +1,25 @@
-"""The bench's latency measures: percentiles, publish -> timeline, publish -> snapshot."""
+"""The bench's measures: percentiles, publish -> timeline, publish -> snapshot, the customers
+in state and the people the messages come from."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.bench import Record, after_warmup, percentiles, to_snapshot_ms, to_timeline_ms
+from service import bench
+from service.bench import (
+    Record,
+    after_warmup,
+    live_keys,
+    messages,
+    percentiles,
+    to_snapshot_ms,
+    to_timeline_ms,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -73,3 +85,34 @@ def test_after_warmup_keeps_events_published_that_long_after_the_first() -> None
     assert sorted(after_warmup(times, 2.0)) == [20, 30]
     assert sorted(after_warmup(times, 0.0)) == [20, 30, 51, 400]
     assert after_warmup({}, 2.0) == []
+
+
+def profile(key: bytes, offset: int, value: bytes | None) -> Record:
+    return Record("p.profiles", 0, offset, 0, key, value)
+
+
+def test_live_keys_counts_keys_whose_last_record_is_a_value() -> None:
+    records = [
+        profile(b"C-1", 0, b"{}"),
+        profile(b"C-2", 1, b"{}"),
+        profile(b"C-2", 2, None),  # merged away
+        profile(b"C-3", 3, None),
+        profile(b"C-3", 4, b"{}"),  # filed again after a forget
+        profile(b"C-1", 5, b"{}"),
+    ]
+    assert live_keys(records) == 2
+    assert live_keys([]) == 0
+
+
+def test_the_messages_come_from_the_pool_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    pools: list[int] = []
+
+    def generate(count: int, *, customers: int, **_: object) -> list[object]:
+        pools.append(customers)
+        return []
+
+    monkeypatch.setattr(bench, "generate", generate)
+    messages(3000, 8, timedelta(days=1), customers=1_000_000)
+    messages(3000, 8, timedelta(days=1))
+    messages(30, 8, timedelta(days=1))
+    assert pools == [1_000_000, 500, 100]  # by default a sixth of the messages, at least 100
