@@ -214,7 +214,7 @@ def core_ceiling(settings: Settings, batch: list[SimMessage]) -> dict[str, Any]:
     run on `batch` in this process with no Kafka and no Faust -> events/s: what no transport,
     however fast, could exceed with this core."""
     from service.alerts import alerts_for
-    from service.canonical import Normalized, Source, Touchpoint
+    from service.canonical import Arrival, Normalized, Routed, Source, Touchpoint
     from service.identity import IdentityGraph
     from service.parse import Limits
     from service.profile import profile_json
@@ -238,15 +238,16 @@ def core_ceiling(settings: Settings, batch: list[SimMessage]) -> dict[str, Any]:
         outcome = ingest_one(message.channel, message.value, source, limits, pii_key, now)
         if not isinstance(outcome, Normalized):
             continue
-        normalized = Normalized.model_validate_json(outcome.model_dump_json())  # as sent on
-        touchpoint = normalized.touchpoint
-        if touchpoint.event_id in seen:
+        sent = outcome.model_dump_json()  # to the accept stage, which passes it on as it is
+        event_id = Arrival.model_validate_json(sent).touchpoint.event_id
+        if event_id in seen:
             continue
-        seen.add(touchpoint.event_id)
-        key = touchpoint.customer_key
-        if normalized.identifiers:
-            key = graph.link(normalized.identifiers, touchpoint.event_id).key
-        event = {**touchpoint.model_dump(mode="json"), "customer_key": key}
+        seen.add(event_id)
+        routed = Routed.model_validate(orjson.loads(sent), strict=False)  # the identity stage
+        key = str(routed.touchpoint["customer_key"])
+        if routed.identifiers:
+            key = graph.link(routed.identifiers, event_id).key
+        event = {**routed.touchpoint, "customer_key": key}
         record, _ = add_event(records.get(key), event, bounds)
         records[key] = record
         state = record["profile"]

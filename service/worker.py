@@ -29,7 +29,15 @@ from prometheus_client import CollectorRegistry
 
 from service import assignor, delivery, handoff, pausing, yielding
 from service.alerts import alerts_for
-from service.canonical import CHANNELS, IdentityMerge, Normalized, Routed, Source, epoch_ms
+from service.canonical import (
+    CHANNELS,
+    Arrival,
+    IdentityMerge,
+    Normalized,
+    Routed,
+    Source,
+    epoch_ms,
+)
 from service.deadletter import deadletter_headers
 from service.dedup import ExpiryIndex, Seen, classify
 from service.delivery import mark_handled
@@ -538,8 +546,8 @@ def build_worker(
 
     async def handle_accepted(message: Message) -> None:
         """Normalized event -> dedup -> the identity stage (duplicates stop here)."""
-        normalized = Normalized.model_validate_json(message.value or b"")
-        touchpoint = normalized.touchpoint
+        arrival = Arrival.model_validate_json(message.value or b"")
+        touchpoint = arrival.touchpoint
         channel = touchpoint.channel
         index = worker.index_for(message.partition, channel)
         src = touchpoint.source
@@ -561,8 +569,8 @@ def build_worker(
             metrics.accepted.labels(channel=channel).inc()
         else:
             metrics.replayed.labels(channel=channel).inc()
-        if normalized.placeholders:
-            metrics.identity_placeholders.labels(channel=channel).inc(normalized.placeholders)
+        if arrival.placeholders:
+            metrics.identity_placeholders.labels(channel=channel).inc(arrival.placeholders)
         await publish(worker.identity_stream, message.key, message.value)
 
     async def to_customer(key: str, command: dict[str, Any]) -> None:

@@ -7,8 +7,9 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
-from service.canonical import Normalized, Ratings, Routed, Source, Touchpoint
+from service.canonical import Arrival, Normalized, Ratings, Routed, Source, Touchpoint
 from service.identity import IdentityGraph, identifiers_of, provisional_key
 from service.normalize import normalize
 from service.parse import Rejected, parse
@@ -545,3 +546,33 @@ def test_the_identity_stage_reads_what_the_accept_stage_wrote(golden: Any) -> No
     assert Touchpoint.model_validate(routed.touchpoint, strict=False) == normalized.touchpoint
     assert routed.identifiers == normalized.identifiers
     assert routed.received_at_ms == 1_764_000_000_000
+
+
+@pytest.mark.parametrize("golden", valid_goldens(), ids=lambda g: g.id)
+def test_the_accept_stage_reads_what_the_ingest_stage_wrote(golden: Any) -> None:
+    """The accept stage reads only what dedup needs of the envelope: the same values a
+    validated envelope holds."""
+    event = parse(golden.channel, golden.data(), LIMITS, NOW)
+    assert not isinstance(event, Rejected)
+    normalized = normalize(event, source(golden.channel), PII_KEY)
+    arrival = Arrival.model_validate_json(normalized.model_dump_json())
+    touchpoint = normalized.touchpoint
+    assert (arrival.touchpoint.event_id, arrival.touchpoint.channel) == (
+        touchpoint.event_id,
+        touchpoint.channel,
+    )
+    assert arrival.touchpoint.occurred_at == touchpoint.occurred_at
+    assert arrival.touchpoint.source == touchpoint.source
+    assert arrival.placeholders == normalized.placeholders
+
+
+def test_the_accept_stage_refuses_an_envelope_without_what_dedup_needs() -> None:
+    origin = {"topic": "cx.raw.web", "partition": 0, "offset": 1}
+    at = "2026-03-01T12:00:00.000+01:00"
+    envelope = {"touchpoint": {"event_id": "web:1", "channel": "web", "occurred_at": at,
+                               "source": origin}}  # fmt: skip
+    with pytest.raises(ValidationError, match="must be UTC"):
+        Arrival.model_validate_json(orjson.dumps(envelope))
+    del envelope["touchpoint"]["source"]
+    with pytest.raises(ValidationError, match="source"):
+        Arrival.model_validate_json(orjson.dumps(envelope))
