@@ -132,7 +132,7 @@ class Resolution:
     key: str
     merges: list[str] = field(default_factory=list)  # old keys now aliases of `key`
     refused: int = 0
-    aliases: list[str] = field(default_factory=list)  # every alias of `key`, these included
+    aliases: list[str] = field(default_factory=list)  # every alias of `key`, merges included
 
 
 @dataclass

@@ -181,6 +181,7 @@ def _churn(state: State, as_of_ms: int) -> dict[str, Any]:
         milliseconds=1
     ):
         fired.append("inactive")
+    # A float even when no rule fires: the model's JSON has 0.0 there, and so must ours.
     score = min(1.0, sum((CHURN_RULES[reason] for reason in fired), 0.0))
     return {"score": round(score, 2), "reasons": fired}
 
