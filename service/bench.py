@@ -82,12 +82,7 @@ class BenchWorker:
         return round(status_kb(self.process.pid, "VmRSS") / 1024, 1)
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time so far (0 where there is no /proc)."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.process.pid)
 
     def peak_rss_mb(self) -> float:
         return round(status_kb(self.process.pid, "VmHWM") / 1024, 1)
@@ -116,6 +111,15 @@ def parse_metrics(text: str) -> dict[str, float]:
 def total(samples: dict[str, float], name: str) -> float:
     """Sum of every sample of one metric name, across labels."""
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user plus system CPU time so far (0 where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def status_kb(pid: int, field: str) -> float:
@@ -444,9 +448,10 @@ def throughput(
     workers: int,
     seed: int = 8,
     customers: int | None = None,
+    broker_pid: int | None = None,
 ) -> dict[str, Any]:
     """Preload `count` messages (from `customers` people), time the baseline, then `workers`
-    workers -> the report."""
+    workers -> the report; with the embedded broker's `broker_pid`, its CPU as well."""
     prefix = f"bench{int(time.time())}"
     pool = pool_for(count) if customers is None else customers
     batch = messages(count, seed, timedelta(days=3), pool)
@@ -460,10 +465,13 @@ def throughput(
     codes: list[int] = []
     with running(bootstrap, prefix, workers, codes) as started:
         cpu_before = sum(w.cpu_seconds() for w in started)
+        broker_before = 0.0 if broker_pid is None else cpu_seconds(broker_pid)
         seconds = _wait(started, accepted, within=max(600.0, count / 20))
         cpu = sum(w.cpu_seconds() for w in started) - cpu_before
+        broker_cpu = None if broker_pid is None else cpu_seconds(broker_pid) - broker_before
         peak = max(w.peak_rss_mb() for w in started)
     rate = accepted / seconds
+    cores = os.cpu_count() or 1
     # After the workers, so that its records in the broker do not slow them.
     floor = transport_floor(bootstrap, prefix, len(batch), FLOOR_HOPS)
     topics = Topics(prefix)
@@ -485,6 +493,15 @@ def throughput(
         "peak_rss_mb": round(peak, 1),
         # Steadier than the wall clock on a shared machine: what the workers spent per event.
         "worker_cpu_ms_per_event": round(cpu * 1000 / accepted, 3),
+        # The embedded broker runs on the same cores (None with an external one): the share of
+        # the machine's CPU time the workers and it took while measured says whether more
+        # workers could have gone faster at all.
+        "broker_cpu_ms_per_event": (
+            None if broker_cpu is None else round(broker_cpu * 1000 / accepted, 3)
+        ),
+        "machine_busy": (
+            None if broker_cpu is None else round((cpu + broker_cpu) / (seconds * cores), 3)
+        ),
         "baseline": base,
         "ratio_to_baseline": round(rate / base["events_per_s"], 6),
         "core_only": core,

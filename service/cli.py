@@ -233,7 +233,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             report = latency(settings, bootstrap, rate, args.events or int(rate * 30))
         else:
             report = throughput(
-                settings, bootstrap, args.events or 200_000, args.workers, customers=args.customers
+                settings,
+                bootstrap,
+                args.events or 200_000,
+                args.workers,
+                customers=args.customers,
+                broker_pid=None if broker is None else broker.process.pid,
             )
     finally:
         if broker is not None:

@@ -3,6 +3,8 @@ in state and the people the messages come from."""
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import timedelta
 
 import orjson
@@ -14,6 +16,7 @@ from service import bench
 from service.bench import (
     Record,
     after_warmup,
+    cpu_seconds,
     live_keys,
     messages,
     percentiles,
@@ -116,3 +119,12 @@ def test_the_messages_come_from_the_pool_asked_for(monkeypatch: pytest.MonkeyPat
     messages(3000, 8, timedelta(days=1))
     messages(30, 8, timedelta(days=1))
     assert pools == [1_000_000, 500, 100]  # by default a sixth of the messages, at least 100
+
+
+def test_cpu_seconds_counts_a_process_s_work() -> None:
+    before = cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    assert cpu_seconds(os.getpid()) - before >= 0.2  # clock ticks of 10 ms
+    assert cpu_seconds(2**22 + 1) == 0.0  # above Linux's largest pid: no such process
