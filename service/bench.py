@@ -122,6 +122,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass
+class CpuMeter:
+    """The CPU the workers (and the embedded broker, when its pid is known) take from now on."""
+
+    workers: list[BenchWorker]
+    broker_pid: int | None
+    started: float = 0.0
+    workers_at_start: float = 0.0
+    broker_at_start: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started = time.monotonic()
+        self.workers_at_start = sum(w.cpu_seconds() for w in self.workers)
+        if self.broker_pid is not None:
+            self.broker_at_start = cpu_seconds(self.broker_pid)
+
+    def report(self, events: int) -> dict[str, float | None]:
+        """-> CPU per event of the workers and of the broker since the start, and the share of
+        the machine's CPU time they took together (the broker's two None when not known)."""
+        seconds = time.monotonic() - self.started
+        workers = sum(w.cpu_seconds() for w in self.workers) - self.workers_at_start
+        broker = None if self.broker_pid is None else cpu_seconds(self.broker_pid)
+        if broker is not None:
+            broker -= self.broker_at_start
+        cores = os.cpu_count() or 1
+        return {
+            "worker_cpu_ms_per_event": round(workers * 1000 / events, 3),
+            "broker_cpu_ms_per_event": None if broker is None else round(broker * 1000 / events, 3),
+            "machine_busy": None
+            if broker is None
+            else round((workers + broker) / (seconds * cores), 3),
+        }
+
+
 def status_kb(pid: int, field: str) -> float:
     """A kB field of /proc/{pid}/status (0 where there is no /proc)."""
     try:
@@ -464,14 +498,11 @@ def throughput(
     core = core_ceiling(settings, batch)
     codes: list[int] = []
     with running(bootstrap, prefix, workers, codes) as started:
-        cpu_before = sum(w.cpu_seconds() for w in started)
-        broker_before = 0.0 if broker_pid is None else cpu_seconds(broker_pid)
+        meter = CpuMeter(started, broker_pid)
         seconds = _wait(started, accepted, within=max(600.0, count / 20))
-        cpu = sum(w.cpu_seconds() for w in started) - cpu_before
-        broker_cpu = None if broker_pid is None else cpu_seconds(broker_pid) - broker_before
+        cpu = meter.report(accepted)
         peak = max(w.peak_rss_mb() for w in started)
     rate = accepted / seconds
-    cores = os.cpu_count() or 1
     # After the workers, so that its records in the broker do not slow them.
     floor = transport_floor(bootstrap, prefix, len(batch), FLOOR_HOPS)
     topics = Topics(prefix)
@@ -492,16 +523,10 @@ def throughput(
         "events_per_s": round(rate, 1),
         "peak_rss_mb": round(peak, 1),
         # Steadier than the wall clock on a shared machine: what the workers spent per event.
-        "worker_cpu_ms_per_event": round(cpu * 1000 / accepted, 3),
         # The embedded broker runs on the same cores (None with an external one): the share of
         # the machine's CPU time the workers and it took while measured says whether more
         # workers could have gone faster at all.
-        "broker_cpu_ms_per_event": (
-            None if broker_cpu is None else round(broker_cpu * 1000 / accepted, 3)
-        ),
-        "machine_busy": (
-            None if broker_cpu is None else round((cpu + broker_cpu) / (seconds * cores), 3)
-        ),
+        **cpu,
         "baseline": base,
         "ratio_to_baseline": round(rate / base["events_per_s"], 6),
         "core_only": core,
@@ -518,7 +543,9 @@ def throughput(
 WARMUP_S = 2.0
 
 
-def latency(settings: Settings, bootstrap: str, rate: float, count: int) -> dict[str, Any]:
+def latency(
+    settings: Settings, bootstrap: str, rate: float, count: int, broker_pid: int | None = None
+) -> dict[str, Any]:
     """One worker; `count` messages published at `rate`/s while it runs -> latency
     percentiles from publish to the timeline record and to the first snapshot counting it."""
     prefix = f"latency{int(time.time())}"
@@ -528,9 +555,13 @@ def latency(settings: Settings, bootstrap: str, rate: float, count: int) -> dict
     codes: list[int] = []
     with running(bootstrap, prefix, 1, codes) as started:
         began = time.monotonic()
+        meter = CpuMeter(started, broker_pid)
         asyncio.run(publish(_run_settings(settings, bootstrap, prefix), batch, rate=rate))
         published = time.monotonic() - began
         behind = _wait(started, accepted, within=max(600.0, count / 20))
+        # from the first message published until the last is filed: the publisher (this
+        # process) shares the machine too, and is not counted
+        cpu = meter.report(accepted)
         peak = started[0].peak_rss_mb()
         topics = Topics(prefix)
         # Read while the worker still runs: its last snapshots follow within two emit ticks.
@@ -561,6 +592,7 @@ def latency(settings: Settings, bootstrap: str, rate: float, count: int) -> dict
             "events": len(to_snapshot),
             **percentiles(to_snapshot, points),
         },
+        **cpu,
         "peak_rss_mb": peak,
         "exit_codes": codes,
     }

@@ -224,13 +224,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"cxpulse bench: {exc}", file=sys.stderr)
             return 1
         bootstrap = broker.bootstrap
+    broker_pid = None if broker is None else broker.process.pid  # its CPU is measured too
     try:
         if args.soak:
             rate = args.rate or 50.0
             report = soak(settings, bootstrap, rate, parse_duration(args.soak).total_seconds())
         elif args.latency:
             rate = args.rate or 5000.0
-            report = latency(settings, bootstrap, rate, args.events or int(rate * 30))
+            report = latency(
+                settings,
+                bootstrap,
+                rate,
+                args.events or int(rate * 30),
+                broker_pid=broker_pid,
+            )
         else:
             report = throughput(
                 settings,
@@ -238,7 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 args.events or 200_000,
                 args.workers,
                 customers=args.customers,
-                broker_pid=None if broker is None else broker.process.pid,
+                broker_pid=broker_pid,
             )
     finally:
         if broker is not None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from service import bench
 from service.bench import (
+    CpuMeter,
     Record,
     after_warmup,
     cpu_seconds,
@@ -128,3 +129,37 @@ def test_cpu_seconds_counts_a_process_s_work() -> None:
         pass
     assert cpu_seconds(os.getpid()) - before >= 0.2  # clock ticks of 10 ms
     assert cpu_seconds(2**22 + 1) == 0.0  # above Linux's largest pid: no such process
+
+
+class _Worker:
+    """What a `CpuMeter` reads of a bench worker: its CPU seconds so far."""
+
+    def __init__(self) -> None:
+        self.cpu = 10.0
+
+    def cpu_seconds(self) -> float:
+        return self.cpu
+
+
+def test_cpu_meter_counts_what_was_spent_since_it_started() -> None:
+    first, second = _Worker(), _Worker()
+    alone = CpuMeter([first, second], None)  # type: ignore[list-item]
+    with_broker = CpuMeter([first, second], os.getpid())  # type: ignore[list-item]
+    first.cpu += 1.5
+    second.cpu += 0.5
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # the "broker" (this process) works too
+        pass
+    assert alone.report(1000) == {
+        "worker_cpu_ms_per_event": 2.0,
+        "broker_cpu_ms_per_event": None,
+        "machine_busy": None,
+    }
+    measured = with_broker.report(1000)
+    assert measured["worker_cpu_ms_per_event"] == 2.0
+    broker = measured["broker_cpu_ms_per_event"]
+    assert broker is not None
+    assert broker >= 0.15  # 0.2 s over 1 000 events, in clock ticks of 10 ms
+    busy = measured["machine_busy"]
+    assert busy is not None
+    assert busy > 1.0 / (os.cpu_count() or 1)  # 2 s of workers' CPU in well under 2 s
