@@ -61,12 +61,14 @@ def from_epoch_ms(ms: int) -> datetime:
 
 def format_utc_millis(value: datetime) -> str:
     """Aware datetime -> 'YYYY-MM-DDTHH:MM:SS.mmmZ'."""
-    if value.tzinfo is UTC:  # every validated model's (`_utc_millis_only`): 2.1 -> 1.4 µs
-        return value.isoformat(timespec="milliseconds")[:-6] + "Z"
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("naive datetimes are not allowed")
+    # Converted only when not in UTC already, as every validated model's value is
+    # (`_utc_millis_only`): 2.1 -> 1.4 µs.
+    if value.tzinfo is not UTC:
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetimes are not allowed")
+        value = value.astimezone(UTC)
     # isoformat truncates to milliseconds and is several times faster than strftime
-    return value.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _utc_millis_only(value: datetime) -> datetime:
