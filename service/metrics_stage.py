@@ -214,7 +214,7 @@ def wire_metrics(
                     "v": state.versions.get(partition, -1)}  # fmt: skip
             buckets = [
                 (bucket, orjson.dumps({"scope": bucket[0], "minute": bucket[1],
-                                       "agg": parts.minutes.get(bucket, MinuteAgg()).to_json()}))
+                                       "agg": orjson.Fragment(parts.encoded(bucket))}))
                 for bucket in sorted(dirty)
             ]  # fmt: skip
             for chunk in chunks(buckets, PARTIALS_BYTES):
@@ -226,6 +226,8 @@ def wire_metrics(
                 except NotReady:
                     dirty.update(bucket for bucket, _ in chunk)
                     raise
+        for held in state.parts.values():
+            held.freeze_cold()  # after sending: what was sent was encoded from its objects
 
     @app.timer(interval)  # type: ignore[untyped-decorator]
     async def emit_snapshots() -> None:

@@ -101,6 +101,12 @@ def _empty() -> Counter[Any]:
     return _EMPTY
 
 
+# What `to_compact_json` leaves out: an empty counter's pairs, a zero count, the zero revenue
+# (written "0"; a sum of amounts that came to zero keeps its decimal places: "0.00").
+_NOTHING: tuple[Any, ...] = ([], 0, "0")
+_NO_PAIRS: list[list[Any]] = []
+
+
 def _counter(pairs: list[list[Any]]) -> Counter[Any]:
     return Counter(dict(pairs)) if pairs else _EMPTY
 
@@ -201,18 +207,25 @@ class MinuteAgg:
             "revenue": str(self.revenue),
         }
 
+    def to_compact_json(self) -> dict[str, Any]:
+        """-> `to_json` without its empty counters, zeros and zero revenue (`from_json` reads
+        either): a minute of one or two events in half the bytes."""
+        return {name: value for name, value in self.to_json().items() if value not in _NOTHING}
+
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> MinuteAgg:
+        """`to_json` or `to_compact_json` -> the aggregate."""
+        revenue = value.get("revenue")
         agg = cls(
-            events=int(value["events"]),
-            first_solves=int(value["first_solves"]),
-            first_contact=int(value["first_contact"]),
-            closes=int(value["closes"]),
-            contained=int(value["contained"]),
-            revenue=Decimal(value["revenue"]),
+            events=int(value.get("events", 0)),
+            first_solves=int(value.get("first_solves", 0)),
+            first_contact=int(value.get("first_contact", 0)),
+            closes=int(value.get("closes", 0)),
+            contained=int(value.get("contained", 0)),
+            revenue=_ZERO if revenue is None else Decimal(revenue),
         )
         for name in _COUNTERS:
-            setattr(agg, name, _counter(value[name]))
+            setattr(agg, name, _counter(value.get(name, _NO_PAIRS)))
         return agg
 
     @classmethod
@@ -320,6 +333,22 @@ class ThreadEvent:
         )  # fmt: skip
 
 
+# A partition keeps the aggregate of a minute this many minutes or more behind its watermark
+# as compact JSON (about 220 bytes for a minute of two events, against 720 as objects),
+# decoded again only when an event changes it: late events are few. Each minute's buckets
+# were most of the metrics state in memory.
+FREEZE_AFTER = 60
+
+
+def _encoded(agg: MinuteAgg) -> bytes:
+    # Copied to its own size: orjson's result keeps the 4 KiB buffer it was written in.
+    return memoryview(orjson.dumps(agg.to_compact_json())).tobytes()
+
+
+def _decoded(encoded: bytes) -> MinuteAgg:
+    return MinuteAgg.from_json(orjson.loads(encoded))
+
+
 def _scopes(scope: Scope) -> tuple[Scope, Scope]:
     """A channel's scope -> the scopes its aggregates count in: its own, and "all"."""
     return scope, "all"
@@ -330,6 +359,9 @@ class PartitionAggregator:
     """One partition's share: minute aggregates per channel, and the threads it joins."""
 
     minutes: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
+    # Buckets `FREEZE_AFTER` behind the watermark, as their aggregate's compact JSON
+    # (`freeze_cold`) until an event changes them again.
+    frozen: dict[tuple[Scope, int], bytes] = field(default_factory=dict)
     threads: dict[str, list[ThreadEvent]] = field(default_factory=dict)
     derived: dict[str, Derived] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)  # event id -> its minute
@@ -391,6 +423,27 @@ class PartitionAggregator:
                 self._contribute(member, self.derived[member.event_id], 1, changed)
         return changed
 
+    def bucket(self, key: tuple[Scope, int]) -> MinuteAgg | None:
+        """A (scope, minute) bucket -> its aggregate (decoded when frozen, which it stays),
+        None when no event is in it."""
+        frozen = self.frozen.get(key)
+        return self.minutes.get(key) if frozen is None else _decoded(frozen)
+
+    def encoded(self, key: tuple[Scope, int]) -> bytes:
+        """A bucket -> its aggregate's JSON (`MinuteAgg.to_json`; an empty aggregate's when no
+        event is in it): what the merger is sent."""
+        agg = self.bucket(key) or MinuteAgg()
+        return orjson.dumps(agg.to_json())
+
+    def freeze_cold(self) -> None:
+        """Keep the buckets of minutes `FREEZE_AFTER` or more behind the watermark as their
+        compact JSON only, until an event changes them again."""
+        if self.watermark is None:
+            return
+        cold_before = minute_of(self.watermark) - FREEZE_AFTER
+        for key in [k for k in self.minutes if k[1] < cold_before]:
+            self.frozen[key] = _encoded(self.minutes.pop(key))
+
     def _see(self, event: Touchpoint) -> None:
         minute = minute_of(event.occurred_at)
         self.seen[event.event_id] = minute
@@ -404,6 +457,8 @@ class PartitionAggregator:
             return []
         for key in [k for k in self.minutes if k[1] < minute]:
             del self.minutes[key]
+        for key in [k for k in self.frozen if k[1] < minute]:
+            del self.frozen[key]
         gone = sorted((m, e) for e, m in self.seen.items() if m < minute)
         for _, event_id in gone:
             del self.seen[event_id]
@@ -429,7 +484,9 @@ class PartitionAggregator:
         bucket_key = (event.channel, minute_of(event.occurred_at))
         bucket = self.minutes.get(bucket_key)
         if bucket is None:
-            bucket = self.minutes[bucket_key] = MinuteAgg()
+            frozen = self.frozen.pop(bucket_key, None)
+            bucket = MinuteAgg() if frozen is None else _decoded(frozen)
+            self.minutes[bucket_key] = bucket
         bucket.add(MinuteAgg.of(event, derived), sign)
         changed.add(bucket_key)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import tracemalloc
 import zlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sortedcontainers import SortedList
 
+from service import rolling
 from service.canonical import Ratings, Source, Touchpoint
 from service.metrics import Derived, reference_snapshots
 from service.normalize import normalize
@@ -60,7 +62,8 @@ def stream(
     stored: bool = False,
 ) -> Merger:
     """Run events through partitions and a merger, sending changed buckets at random moments
-    (sometimes twice), with some events delivered again and snapshots taken in between. Now
+    (sometimes twice; before half of the sends the partitions freeze their older minutes),
+    with some events delivered again and snapshots taken in between. Now
     and then an aggregate sent earlier arrives again late (as from a worker that was paused),
     with its older version. `stored`: the merger reads the aggregates it replaces back from a
     table written after each one it takes, as the worker's partials table is."""
@@ -72,11 +75,13 @@ def stream(
     sent_before: dict[tuple[int, str, int], list[tuple[int, MinuteAgg, datetime]]] = {}
 
     def flush() -> None:
+        if rng.random() < 0.5:  # as a send tick does: minutes behind the watermark frozen
+            for aggregator in aggregators:
+                aggregator.freeze_cold()
         for partition, scope, minute in sorted(pending):
             aggregator = aggregators[partition]
-            agg = aggregator.minutes.get((scope, minute), MinuteAgg())
             assert aggregator.watermark is not None
-            sent = MinuteAgg.from_json(orjson.loads(orjson.dumps(agg.to_json())))
+            sent = MinuteAgg.from_json(orjson.loads(aggregator.encoded((scope, minute))))
             version = offsets[partition]
             for _ in range(rng.choice((1, 1, 2))):
                 if merger.receive(partition, scope, minute, sent, aggregator.watermark, version):
@@ -281,6 +286,69 @@ def test_restore_rebuilds_the_same_buckets() -> None:
     rebuilt.restore(list(reversed(events)))
     assert rebuilt.minutes == live.minutes
     assert rebuilt.watermark == live.watermark
+
+
+def test_frozen_buckets_change_and_are_sent_as_if_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition that freezes every minute before its watermark's after each event sends
+    the same aggregates as one that keeps them all: late events (thread joins among them)
+    change frozen buckets as they would change kept ones."""
+    monkeypatch.setattr(rolling, "FREEZE_AFTER", 0)
+    events = list(workload(3, 400))
+    random.Random(7).shuffle(events)
+    kept, frozen = PartitionAggregator(), PartitionAggregator()
+    for event in events:
+        assert frozen.apply(event) == kept.apply(event)
+        frozen.freeze_cold()
+    assert frozen.watermark is not None
+    buckets = kept.minutes.keys()
+    assert frozen.frozen.keys() | frozen.minutes.keys() == buckets
+    assert len(frozen.frozen) > len(buckets) / 2
+    assert all(k[1] == minute_of(frozen.watermark) for k in frozen.minutes)
+    for key in buckets:
+        assert frozen.encoded(key) == orjson.dumps(kept.minutes[key].to_json())
+        assert frozen.bucket(key) == kept.minutes[key]
+    assert frozen.encoded(("web", 1)) == orjson.dumps(MinuteAgg().to_json())  # no event in it
+    assert frozen.bucket(("web", 1)) is None
+
+
+def test_a_frozen_minute_takes_under_a_third_of_the_memory() -> None:
+    """Minutes of two events each (most minutes held, under a steady trickle): kept as JSON
+    they take under a third of the memory of their aggregates."""
+
+    def held(freeze: bool, buckets: bool = True) -> int:
+        """Bytes an aggregator of 4 000 events holds (its buckets frozen, or dropped)."""
+        tracemalloc.start()
+        try:
+            aggregator = PartitionAggregator()
+            for n in range(4000):  # each its own customer key, as decoded from its message
+                event = _event(f"support:{n}", "ticket_created", NOW - timedelta(minutes=n // 2))
+                key = f"anon-{n:016x}"
+                aggregator.apply(event.model_copy(update={"thread_id": None, "customer_key": key}))
+            if freeze:
+                aggregator.freeze_cold()
+                assert len(aggregator.frozen) > 1900
+            if not buckets:
+                aggregator.minutes.clear()
+            return tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+
+    rest = held(freeze=False, buckets=False)  # the ids it has counted
+    kept, frozen = held(freeze=False) - rest, held(freeze=True) - rest
+    assert 0 < frozen < kept / 3, (frozen, kept)
+
+
+def test_forgetting_drops_frozen_minutes_too() -> None:
+    old, recent = NOW - timedelta(days=70), NOW
+    aggregator = PartitionAggregator()
+    aggregator.apply(_event("support:o", "ticket_created", old))
+    aggregator.apply(_event("support:r", "ticket_created", recent).model_copy(
+        update={"thread_id": "T-2"}))  # fmt: skip
+    aggregator.freeze_cold()
+    assert list(aggregator.frozen) == [("support", minute_of(old))]
+    assert aggregator.forget_before(minute_of(recent)) == [(minute_of(old), "support:o")]
+    assert not aggregator.frozen
+    assert list(aggregator.minutes) == [("support", minute_of(recent))]
 
 
 def test_each_event_id_counts_once() -> None:
