@@ -19,7 +19,7 @@ functions as the reference, from the same numbers.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -101,9 +101,6 @@ def _empty() -> Counter[Any]:
     return _EMPTY
 
 
-# What `to_compact_json` leaves out: an empty counter's pairs, a zero count, the zero revenue
-# (written "0"; a sum of amounts that came to zero keeps its decimal places: "0.00").
-_NOTHING: tuple[Any, ...] = ([], 0, "0")
 _NO_PAIRS: list[list[Any]] = []
 
 
@@ -208,9 +205,13 @@ class MinuteAgg:
         }
 
     def to_compact_json(self) -> dict[str, Any]:
-        """-> `to_json` without its empty counters, zeros and zero revenue (`from_json` reads
-        either): a minute of one or two events in half the bytes."""
-        return {name: value for name, value in self.to_json().items() if value not in _NOTHING}
+        """-> `to_json` without its empty counters and zero counts, and without the revenue
+        when no amount ever reached it (`from_json` reads either): a minute of one or two
+        events in half the bytes."""
+        value = {name: v for name, v in self.to_json().items() if v != [] and v != 0}
+        if self.revenue is _ZERO:
+            del value["revenue"]
+        return value
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> MinuteAgg:
@@ -333,16 +334,83 @@ class ThreadEvent:
         )  # fmt: skip
 
 
-# A partition keeps the aggregate of a minute this many minutes or more behind its watermark
-# as compact JSON (about 220 bytes for a minute of two events, against 720 as objects),
-# decoded again only when an event changes it: late events are few. Each minute's buckets
-# were most of the metrics state in memory.
+MinuteKey = tuple[Scope, int]
+# A partition keeps the aggregates of minutes this many minutes or more behind its watermark
+# frozen (see `Minutes`): late events are few. The merger keeps frozen its minute totals
+# more than a day behind the windows' end (the 24h window reads each as it leaves it): the
+# 7d and 30d windows read each once more, as it leaves them.
 FREEZE_AFTER = 60
+MERGER_FREEZE_AFTER = 25 * 60
 
 
-def _encoded(agg: MinuteAgg) -> bytes:
-    # Copied to its own size: orjson's result keeps the 4 KiB buffer it was written in.
-    return memoryview(orjson.dumps(agg.to_compact_json())).tobytes()
+class Minutes(Mapping[MinuteKey, MinuteAgg]):
+    """Minute aggregates by (scope, minute). Those before a line (`freeze_before`) are kept
+    as compact JSON (about 220 bytes for a minute of two events, against 720 as objects) and
+    decoded when read; one taken to be changed (`take`) is kept as objects again. The
+    aggregates of each minute were most of the metrics state in memory."""
+
+    __slots__ = ("frozen", "hot", "revenues")
+
+    def __init__(self) -> None:
+        self.hot: dict[MinuteKey, MinuteAgg] = {}
+        self.frozen: dict[MinuteKey, bytes] = {}
+        # A frozen aggregate's revenue, when an amount ever reached it: a window an amount
+        # leaves sums its minutes' revenues again.
+        self.revenues: dict[MinuteKey, Decimal] = {}
+
+    def __getitem__(self, key: MinuteKey) -> MinuteAgg:
+        agg = self.hot.get(key)
+        return _decoded(self.frozen[key]) if agg is None else agg
+
+    def get(self, key: MinuteKey, default: Any = None) -> Any:
+        agg = self.hot.get(key)
+        if agg is not None:
+            return agg
+        frozen = self.frozen.get(key)
+        return default if frozen is None else _decoded(frozen)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.hot or key in self.frozen
+
+    def __iter__(self) -> Iterator[MinuteKey]:
+        yield from self.hot
+        yield from self.frozen
+
+    def __len__(self) -> int:
+        return len(self.hot) + len(self.frozen)
+
+    def take(self, key: MinuteKey) -> MinuteAgg:
+        """The aggregate of `key` to change (a new one when there is none), kept as objects."""
+        agg = self.hot.get(key)
+        if agg is None:
+            frozen = self.frozen.pop(key, None)
+            self.revenues.pop(key, None)
+            agg = self.hot[key] = MinuteAgg() if frozen is None else _decoded(frozen)
+        return agg
+
+    def revenue(self, key: MinuteKey) -> Decimal:
+        """The revenue of `key` (the shared zero when no amount ever reached it)."""
+        agg = self.hot.get(key)
+        return self.revenues.get(key, _ZERO) if agg is None else agg.revenue
+
+    def pop(self, key: MinuteKey) -> None:
+        self.hot.pop(key, None)
+        self.frozen.pop(key, None)
+        self.revenues.pop(key, None)
+
+    def freeze_before(self, minute: int) -> None:
+        """Keep the aggregates of minutes before `minute` as compact JSON."""
+        for key in [k for k in self.hot if k[1] < minute]:
+            agg = self.hot.pop(key)
+            # Copied to its own size: orjson's result keeps the 4 KiB buffer it was written in.
+            self.frozen[key] = memoryview(orjson.dumps(agg.to_compact_json())).tobytes()
+            if agg.revenue is not _ZERO:
+                self.revenues[key] = agg.revenue
+
+    def drop_before(self, minute: int) -> None:
+        """Forget the aggregates of minutes before `minute`."""
+        for key in [k for k in self if k[1] < minute]:
+            self.pop(key)
 
 
 def _decoded(encoded: bytes) -> MinuteAgg:
@@ -358,10 +426,7 @@ def _scopes(scope: Scope) -> tuple[Scope, Scope]:
 class PartitionAggregator:
     """One partition's share: minute aggregates per channel, and the threads it joins."""
 
-    minutes: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
-    # Buckets `FREEZE_AFTER` behind the watermark, as their aggregate's compact JSON
-    # (`freeze_cold`) until an event changes them again.
-    frozen: dict[tuple[Scope, int], bytes] = field(default_factory=dict)
+    minutes: Minutes = field(default_factory=Minutes)
     threads: dict[str, list[ThreadEvent]] = field(default_factory=dict)
     derived: dict[str, Derived] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)  # event id -> its minute
@@ -423,26 +488,16 @@ class PartitionAggregator:
                 self._contribute(member, self.derived[member.event_id], 1, changed)
         return changed
 
-    def bucket(self, key: tuple[Scope, int]) -> MinuteAgg | None:
-        """A (scope, minute) bucket -> its aggregate (decoded when frozen, which it stays),
-        None when no event is in it."""
-        frozen = self.frozen.get(key)
-        return self.minutes.get(key) if frozen is None else _decoded(frozen)
-
-    def encoded(self, key: tuple[Scope, int]) -> bytes:
+    def encoded(self, key: MinuteKey) -> bytes:
         """A bucket -> its aggregate's JSON (`MinuteAgg.to_json`; an empty aggregate's when no
         event is in it): what the merger is sent."""
-        agg = self.bucket(key) or MinuteAgg()
+        agg: MinuteAgg = self.minutes.get(key) or MinuteAgg()
         return orjson.dumps(agg.to_json())
 
     def freeze_cold(self) -> None:
-        """Keep the buckets of minutes `FREEZE_AFTER` or more behind the watermark as their
-        compact JSON only, until an event changes them again."""
-        if self.watermark is None:
-            return
-        cold_before = minute_of(self.watermark) - FREEZE_AFTER
-        for key in [k for k in self.minutes if k[1] < cold_before]:
-            self.frozen[key] = _encoded(self.minutes.pop(key))
+        """Freeze the buckets of minutes `FREEZE_AFTER` or more behind the watermark."""
+        if self.watermark is not None:
+            self.minutes.freeze_before(minute_of(self.watermark) - FREEZE_AFTER)
 
     def _see(self, event: Touchpoint) -> None:
         minute = minute_of(event.occurred_at)
@@ -455,10 +510,7 @@ class PartitionAggregator:
         event id) of each event dropped."""
         if self.oldest is None or self.oldest >= minute:
             return []
-        for key in [k for k in self.minutes if k[1] < minute]:
-            del self.minutes[key]
-        for key in [k for k in self.frozen if k[1] < minute]:
-            del self.frozen[key]
+        self.minutes.drop_before(minute)
         gone = sorted((m, e) for e, m in self.seen.items() if m < minute)
         for _, event_id in gone:
             del self.seen[event_id]
@@ -482,12 +534,7 @@ class PartitionAggregator:
         # The channel's scope only: "all" is the sum of the channels (every part of an
         # aggregate adds up, distinct customers included), and the merger sums it.
         bucket_key = (event.channel, minute_of(event.occurred_at))
-        bucket = self.minutes.get(bucket_key)
-        if bucket is None:
-            frozen = self.frozen.pop(bucket_key, None)
-            bucket = MinuteAgg() if frozen is None else _decoded(frozen)
-            self.minutes[bucket_key] = bucket
-        bucket.add(MinuteAgg.of(event, derived), sign)
+        self.minutes.take(bucket_key).add(MinuteAgg.of(event, derived), sign)
         changed.add(bucket_key)
 
 
@@ -509,7 +556,7 @@ class Merger:
     stored: Callable[[PartialKey], dict[str, Any]] | None = field(
         default=None, compare=False, repr=False
     )
-    totals: dict[tuple[Scope, int], MinuteAgg] = field(default_factory=dict)
+    totals: Minutes = field(default_factory=Minutes)
     watermarks: dict[int, datetime] = field(default_factory=dict)
     # (scope, window) -> its total, for windows ending at `windows_end` (a minute number)
     windows: dict[tuple[Scope, WindowName], MinuteAgg] = field(default_factory=dict)
@@ -544,10 +591,7 @@ class Merger:
             return False
         change = agg if held is None else agg.minus(self._held(key))
         for counted in _scopes(scope):
-            total = self.totals.get((counted, minute))
-            if total is None:
-                total = self.totals[(counted, minute)] = MinuteAgg()
-            total.add(change)
+            self.totals.take((counted, minute)).add(change)
         if self.windows_end is not None:
             for window, span in SPANS.items():
                 if self.windows_end - span <= minute < self.windows_end:
@@ -620,7 +664,7 @@ class Merger:
         for minute in range(start - LONGEST_SPAN, min(end - LONGEST_SPAN, start)):
             if self.oldest is None or minute < self.oldest:
                 for scope in SCOPES:
-                    self.totals.pop((scope, minute), None)
+                    self.totals.pop((scope, minute))
 
     def snapshots(self, min_responses: int, emitted_at: datetime) -> list[Snapshot]:
         """Every scope and window at the global watermark (none before any event)."""
@@ -629,6 +673,7 @@ class Merger:
             return []
         if self.windows_end != minute_of(end):
             self._windows_at(minute_of(end))
+            self.totals.freeze_before(minute_of(end) - MERGER_FREEZE_AFTER)
         return [
             snapshot_of(
                 self.windows[(scope, window)],
@@ -655,8 +700,7 @@ class Merger:
         # (`_slide` takes it away): the windows move on only at the next snapshot.
         if self.windows_end is not None:
             minute = min(minute, self.windows_end - LONGEST_SPAN)
-        for total_key in [key for key in self.totals if key[1] < minute]:
-            del self.totals[total_key]
+        self.totals.drop_before(minute)
         self.oldest = min((key[2] for key in self.versions), default=None)
         return gone
 
@@ -667,7 +711,7 @@ SLIDE_MINUTES = 24 * 60
 
 
 def window_totals(
-    totals: dict[tuple[Scope, int], MinuteAgg], end_minute: int
+    totals: Mapping[MinuteKey, MinuteAgg], end_minute: int
 ) -> dict[tuple[Scope, WindowName], MinuteAgg]:
     """Minute totals -> each scope's and window's sum, for windows ending at `end_minute`."""
     windows = {(scope, window): MinuteAgg() for scope in SCOPES for window in WINDOWS}
@@ -678,13 +722,13 @@ def window_totals(
     return windows
 
 
-def _revenue(totals: dict[tuple[Scope, int], MinuteAgg], scope: Scope, minutes: range) -> Decimal:
+def _revenue(totals: Minutes, scope: Scope, minutes: range) -> Decimal:
     """The revenue of a scope's minutes, summed as `MinuteAgg.add` sums it."""
     revenue = _ZERO
     for minute in minutes:
-        agg = totals.get((scope, minute))
-        if agg is not None and agg.revenue is not _ZERO:
-            revenue += agg.revenue
+        amount = totals.revenue((scope, minute))
+        if amount is not _ZERO:
+            revenue += amount
     return revenue
 
 

@@ -10,6 +10,7 @@ import zlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from unittest.mock import patch
 
 import orjson
 import pytest
@@ -26,6 +27,7 @@ from service.rolling import (
     SLIDE_MINUTES,
     Merger,
     MinuteAgg,
+    Minutes,
     PartitionAggregator,
     ThreadEvent,
     _move,
@@ -115,16 +117,21 @@ def stream(
     partitions=st.sampled_from([1, 2, 3, 8]),
     order_seed=st.integers(0, 2**32 - 1),
     stored=st.booleans(),
+    merger_freeze_after=st.sampled_from([0, 60, rolling.MERGER_FREEZE_AFTER]),
 )
 def test_streaming_equals_reference(
-    seed: int, partitions: int, order_seed: int, stored: bool
+    seed: int, partitions: int, order_seed: int, stored: bool, merger_freeze_after: int
 ) -> None:
+    """Whatever the partitioning, arrival order and re-sends, and however far behind the
+    windows' end the merger freezes its minute totals, the snapshots are the reference's."""
     events = list(workload(seed, 600))
     rng = random.Random(order_seed)
     rng.shuffle(events)
     expected = reference_snapshots(events, 5, EMITTED)
-    merger = stream(events, partitions, rng, resend_share=0.1, stored=stored)
-    assert merger.snapshots(5, EMITTED) == expected
+    with patch.object(rolling, "MERGER_FREEZE_AFTER", merger_freeze_after):
+        merger = stream(events, partitions, rng, resend_share=0.1, stored=stored)
+        assert merger.totals.frozen  # three days of traffic: some totals are frozen
+        assert merger.snapshots(5, EMITTED) == expected
     assert_resolutions_in_order(merger)
     # Read back from the table, the aggregates are not also kept in memory.
     assert (not merger.encoded) is stored
@@ -172,9 +179,14 @@ def test_windows_slide_minute_by_minute_as_they_would_be_rebuilt() -> None:
     assert merger.snapshots(5, EMITTED) == reference_snapshots(events, 5, EMITTED)
 
 
-def test_a_window_an_amount_left_has_the_decimal_places_of_what_it_holds() -> None:
+@pytest.mark.parametrize("freeze_after", [0, rolling.MERGER_FREEZE_AFTER])
+def test_a_window_an_amount_left_has_the_decimal_places_of_what_it_holds(
+    freeze_after: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sum keeps the finest decimal places of every amount it took: once an amount leaves
-    a window, its revenue has those of the amounts still in it (as the reference's)."""
+    a window, its revenue has those of the amounts still in it (as the reference's), also
+    summed from frozen minute totals."""
+    monkeypatch.setattr(rolling, "MERGER_FREEZE_AFTER", freeze_after)
     first, second = NOW - timedelta(minutes=90), NOW - timedelta(minutes=20)
     merger = Merger()
     for event_id, at, amount in (("store:a", first, "1.005"), ("store:b", second, "2.50")):
@@ -188,6 +200,12 @@ def test_a_window_an_amount_left_has_the_decimal_places_of_what_it_holds() -> No
     merger.receive(1, "store", minute_of(NOW), MinuteAgg(), NOW + timedelta(minutes=45))
     merger.snapshots(5, EMITTED)  # slid: 2.50 is now out of the hour too
     assert str(merger.windows[("store", "1h")].revenue) == "0"
+    assert_windows_as_rebuilt(merger)
+    assert bool(merger.totals.frozen) is (freeze_after == 0)
+    later = first + timedelta(days=1, minutes=1)
+    merger.receive(1, "store", minute_of(later), MinuteAgg(), later)
+    merger.snapshots(5, EMITTED)  # 1.005 left the day: summed again from what it holds
+    assert str(merger.windows[("store", "24h")].revenue) == "2.50"
     assert_windows_as_rebuilt(merger)
 
 
@@ -301,14 +319,16 @@ def test_frozen_buckets_change_and_are_sent_as_if_kept(monkeypatch: pytest.Monke
         frozen.freeze_cold()
     assert frozen.watermark is not None
     buckets = kept.minutes.keys()
-    assert frozen.frozen.keys() | frozen.minutes.keys() == buckets
-    assert len(frozen.frozen) > len(buckets) / 2
-    assert all(k[1] == minute_of(frozen.watermark) for k in frozen.minutes)
+    assert frozen.minutes.keys() == buckets
+    assert len(frozen.minutes.frozen) > len(buckets) / 2
+    assert all(k[1] == minute_of(frozen.watermark) for k in frozen.minutes.hot)
     for key in buckets:
         assert frozen.encoded(key) == orjson.dumps(kept.minutes[key].to_json())
-        assert frozen.bucket(key) == kept.minutes[key]
+        assert frozen.minutes[key] == kept.minutes[key]
+        assert frozen.minutes.revenue(key) == kept.minutes[key].revenue
     assert frozen.encoded(("web", 1)) == orjson.dumps(MinuteAgg().to_json())  # no event in it
-    assert frozen.bucket(("web", 1)) is None
+    assert frozen.minutes.get(("web", 1)) is None
+    assert ("web", 1) not in frozen.minutes
 
 
 def test_a_frozen_minute_takes_under_a_third_of_the_memory() -> None:
@@ -326,9 +346,9 @@ def test_a_frozen_minute_takes_under_a_third_of_the_memory() -> None:
                 aggregator.apply(event.model_copy(update={"thread_id": None, "customer_key": key}))
             if freeze:
                 aggregator.freeze_cold()
-                assert len(aggregator.frozen) > 1900
+                assert len(aggregator.minutes.frozen) > 1900
             if not buckets:
-                aggregator.minutes.clear()
+                aggregator.minutes = Minutes()
             return tracemalloc.get_traced_memory()[0]
         finally:
             tracemalloc.stop()
@@ -345,9 +365,9 @@ def test_forgetting_drops_frozen_minutes_too() -> None:
     aggregator.apply(_event("support:r", "ticket_created", recent).model_copy(
         update={"thread_id": "T-2"}))  # fmt: skip
     aggregator.freeze_cold()
-    assert list(aggregator.frozen) == [("support", minute_of(old))]
+    assert list(aggregator.minutes.frozen) == [("support", minute_of(old))]
     assert aggregator.forget_before(minute_of(recent)) == [(minute_of(old), "support:o")]
-    assert not aggregator.frozen
+    assert not aggregator.minutes.frozen
     assert list(aggregator.minutes) == [("support", minute_of(recent))]
 
 
