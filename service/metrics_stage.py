@@ -227,7 +227,9 @@ def wire_metrics(
                     dirty.update(bucket for bucket, _ in chunk)
                     raise
         for held in state.parts.values():
-            held.freeze_cold()  # after sending: what was sent was encoded from its objects
+            # After sending: a bucket changed since the last tick is encoded once, to be sent,
+            # not frozen first and then decoded to be sent.
+            held.freeze_cold()
 
     @app.timer(interval)  # type: ignore[untyped-decorator]
     async def emit_snapshots() -> None:

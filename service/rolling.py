@@ -335,10 +335,10 @@ class ThreadEvent:
 
 
 MinuteKey = tuple[Scope, int]
-# A partition keeps the aggregates of minutes this many minutes or more behind its watermark
-# frozen (see `Minutes`): late events are few. The merger keeps frozen its minute totals
-# more than a day behind the windows' end (the 24h window reads each as it leaves it): the
-# 7d and 30d windows read each once more, as it leaves them.
+# A partition freezes (see `Minutes`) the aggregates of minutes this many minutes or more
+# behind its watermark: late events are few. The merger freezes its minute totals more than
+# 25 hours behind the windows' end: the 24h window reads a total as it leaves it, still as
+# objects; the 7d and 30d windows read each once more, decoded, as it leaves them.
 FREEZE_AFTER = 60
 MERGER_FREEZE_AFTER = 25 * 60
 
