@@ -177,7 +177,11 @@ class BufferedTable(faust.Table[Any, Any]):
 
     def _key_bytes(self, key: Any) -> bytes:
         if type(key) is str and self.key_serializer == "json":
-            return _faust_json(key)
+            # Copied to its own size: orjson's result keeps the 4 KiB buffer it was written
+            # in, and a message's keys are kept (`exists`, `pending`) until it is handled. The
+            # identity stage's first message after an assignment reads its 50 000 filed-key
+            # slots: 200 MB held for a moment, the peak RSS of every steady run (283 MB).
+            return memoryview(_faust_json(key)).tobytes()
         return self.encode_key(key)
 
     def _value_bytes(self, value: Any) -> bytes | None:

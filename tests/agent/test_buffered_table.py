@@ -4,6 +4,7 @@ changelog alone."""
 
 from __future__ import annotations
 
+import tracemalloc
 import weakref
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -68,6 +69,25 @@ async def test_a_table_reads_and_writes_the_bytes_fausts_store_would(tmp_path: P
     assert table._value_bytes(odd) == store._encode_value(odd)
     assert table._value_bytes([odd]) == store._encode_value([odd])
     assert table._key_bytes('é"\\') == store._encode_key('é"\\')
+
+
+async def test_the_keys_a_message_reads_are_held_at_their_own_size(tmp_path: Path) -> None:
+    """A message that reads many keys (the identity stage's first after an assignment reads
+    50 000) holds each key until it is handled, at its own size: orjson's result alone keeps
+    the 4 KiB buffer it was written in."""
+    _, table, _ = _stage_table(tmp_path, "t-key-size")
+    event = _Event(0)
+    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert all(table.get(f"e|{slot}") is None for slot in range(5000))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        _current_event.reset(token)
+    assert len(table.exists) == 5000
+    assert held < 5000 * 200, held  # 4 KiB a key: 20 MB
 
 
 async def test_an_untrusted_partition_is_discarded_and_the_others_kept(tmp_path: Path) -> None:
