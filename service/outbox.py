@@ -33,6 +33,7 @@ from typing import Any
 
 from aiokafka.structs import RecordMetadata
 
+from service.buffers import own_size
 from service.fence import Fenced
 
 Headers = list[tuple[str, bytes]] | None
@@ -55,10 +56,9 @@ LINGER, FULL = 0.002, 500
 
 
 def _fitted(data: bytes | None) -> bytes | None:
-    """Bytes -> a copy of their own size. orjson's result keeps the 4 KiB buffer it was
-    written in (a document of a few bytes held 4 KiB of memory), and the records of a stage
-    waiting here are mostly orjson's: up to `MAX_PENDING` of them, a key and a value each."""
-    return None if data is None else memoryview(data).tobytes()
+    """Bytes -> a copy of their own size (`own_size`): the records of a stage waiting here
+    are mostly orjson's, up to `MAX_PENDING` of them, a key and a value each."""
+    return None if data is None else own_size(data)
 
 
 class Outbox:

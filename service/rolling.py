@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from sortedcontainers import SortedList
 
+from service.buffers import own_size
 from service.canonical import CHANNELS, Channel, Kind, Ratings, Touchpoint
 from service.metrics import (
     DEFINITIONS_VERSION,
@@ -402,8 +403,7 @@ class Minutes(Mapping[MinuteKey, MinuteAgg]):
         """Keep the aggregates of minutes before `minute` as compact JSON."""
         for key in [k for k in self.hot if k[1] < minute]:
             agg = self.hot.pop(key)
-            # Copied to its own size: orjson's result keeps the 4 KiB buffer it was written in.
-            self.frozen[key] = memoryview(orjson.dumps(agg.to_compact_json())).tobytes()
+            self.frozen[key] = own_size(orjson.dumps(agg.to_compact_json()))
             if agg.revenue is not _ZERO:
                 self.revenues[key] = agg.revenue
 
@@ -600,8 +600,7 @@ class Merger:
                         _move(self.resolutions[(counted, window)], change.resolution)
         self.versions[key] = version
         if self.stored is None:
-            # Copied to its own size: orjson's result keeps its 4 KiB buffer.
-            self.encoded[key] = memoryview(orjson.dumps(agg.to_json())).tobytes()
+            self.encoded[key] = own_size(orjson.dumps(agg.to_json()))
         self.oldest = minute if self.oldest is None else min(self.oldest, minute)
         if partition not in self.watermarks or watermark > self.watermarks[partition]:
             self.watermarks[partition] = watermark
