@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from hypothesis import HealthCheck, settings
 
 from service.canonical import Source
 from service.parse import Limits
@@ -18,6 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
 SCHEMAS = REPO / "schemas"
 CHANNELS = ("web", "chat", "support", "store")
+# The property tests' base: the same examples every run (no database, derandomized), and no
+# deadline or slowness check, which a busy CI machine would fail.
+REPEATABLE = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 PII_KEY = b"test-pii-key-0123456789"

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.canonical import Identifier
@@ -20,17 +20,11 @@ from service.identity import (
     provisional_key,
     solo_key,
 )
-from tests.unit._golden import PII_KEY, hmac_hex
+from tests.unit._golden import PII_KEY, REPEATABLE, hmac_hex
 
 pytestmark = pytest.mark.unit
 
-FAST = settings(
-    max_examples=60,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FAST = settings(REPEATABLE, max_examples=60)
 
 
 def ident(kind: str, raw: str) -> Identifier:

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.canonical import Ratings, Source, Touchpoint
@@ -34,6 +34,7 @@ from service.metrics import (
     stdev_of_counts,
     window_end_for,
 )
+from tests.unit._golden import REPEATABLE
 
 pytestmark = pytest.mark.unit
 
@@ -715,13 +716,7 @@ def test_lateness_is_judged_against_the_watermark_so_far() -> None:
 # 5. Properties
 # --------------------------------------------------------------------------------------------
 
-PROPS = settings(
-    max_examples=60,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+PROPS = settings(REPEATABLE, max_examples=60)
 BASE = datetime(2026, 5, 1, 0, 0, tzinfo=UTC)
 SPAN_MS = 20 * 24 * 3600 * 1000
 CHANNEL_KINDS: dict[str, tuple[str, ...]] = {

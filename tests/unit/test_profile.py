@@ -9,7 +9,7 @@ from functools import reduce
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.canonical import Ratings, Source, Touchpoint
@@ -22,16 +22,11 @@ from service.profile import (
     profile,
     profile_json,
 )
+from tests.unit._golden import REPEATABLE
 
 pytestmark = pytest.mark.unit
 
-FAST = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FAST = settings(REPEATABLE, max_examples=150)
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DAY_MS = 86_400_000
 CHANNEL_OF = {

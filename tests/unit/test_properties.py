@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.canonical import Touchpoint
@@ -24,6 +24,7 @@ from tests.unit._golden import (
     LIMITS,
     NOW,
     PII_KEY,
+    REPEATABLE,
     SCHEMAS,
     SOURCE_ID_FIELD,
     source,
@@ -32,13 +33,7 @@ from tests.unit._golden import (
 
 pytestmark = pytest.mark.unit
 
-FAST = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FAST = settings(REPEATABLE, max_examples=150)
 THOROUGH = settings(FAST, max_examples=250)
 SMALL = Limits(max_payload_bytes=512, max_clock_skew=timedelta(minutes=5))
 NOW_MS = (NOW - EPOCH) // timedelta(milliseconds=1)
